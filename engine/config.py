@@ -1,0 +1,329 @@
+"""One config schema for every smallvit command: dataclasses, loaded from YAML, with dotted CLI overrides.
+
+    cfg = load_config("configs/cifar10_vit_drloc.yaml", ["optim.lr=5e-4", "tasks.drloc.enabled=true"])
+
+Every key is checked against the schema before any work starts: an unknown key, a value of the wrong type or
+one outside its allowed choices raises `ConfigError` whose message names the dotted key (and the file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the dotted key at fault."""
+
+
+# --------------------------------------------------------------------------------------------------- schema
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is fed."""
+    dataset: str = "digits"            # name checked against the .beton sidecar ('digits', 'cifar10', ...)
+    train: str = ""                    # path to the training .beton (its .json sidecar lies beside it)
+    test: str = ""                     # path to the test .beton
+    loader: Literal["auto", "ffcv", "resident", "dali", "torchvision"] = "auto"
+    image_size: int = 32               # side in pixels the model takes
+    batch_size: int = 128              # global batch (all ranks, one optimizer step, before accumulation split)
+    eval_batch_size: int = 512
+    num_workers: int = 2               # CPU decode workers (ffcv/dali/torchvision)
+    order: Literal["random", "quasi_random"] = "random"
+    os_cache: bool = True              # ffcv: memory-map the whole file (True) or process cache (False)
+    resident_max_fraction: float = 0.5  # resident: use it when the set fits in this fraction of device memory
+    drop_last: bool = True             # training: drop the last incomplete batch (each sample still seen <= once)
+    repeats: int = 1                   # "repeated augmentation": one epoch = this many fresh permutations
+    # augmentation (all batched, on the training device)
+    crop_padding: int = 4              # pad-and-random-crop padding in pixels; 0 disables
+    flip: bool = True
+    auto_augment: Literal["none", "cifar10", "svhn", "imagenet", "rand"] = "none"
+    mixup_alpha: float = 0.0           # Mixup Beta(alpha, alpha); 0 disables
+    cutmix_alpha: float = 0.0          # CutMix Beta(alpha, alpha); 0 disables
+    mix_prob: float = 0.5              # probability that a batch is mixed at all (one of the two, chosen 50/50)
+    erasing_prob: float = 0.0          # random erasing probability per image, after normalization
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vit_cifar"            # a registered model name (see `smallvit train --list-models`)
+    num_classes: int = 0               # 0 = take it from the training set's sidecar
+    drop_path: float = 0.1
+    spt: bool = False                  # Shifted Patch Tokenization (METHODS.md D)
+    lsa: bool = False                  # Locality Self-Attention (METHODS.md D)
+
+
+@dataclass
+class DrlocConfig:
+    """Dense relative localization (METHODS.md C)."""
+    enabled: bool = False
+    mode: Literal["l1", "ce", "cbr"] = "l1"
+    use_abs: bool = True
+    pairs: int = 64                    # m: pairs sampled per image
+    lambda0: float = 0.1               # peak weight; ViT value unstated in the reference, 0.1 is our default
+    hidden: int = 512
+    stop_at_101: bool = False          # reproduce the reference loop that stops at epoch 101 of a 300-epoch schedule
+
+
+@dataclass
+class PerceptibilityConfig:
+    """Translation / scale perceptibility (METHODS.md A)."""
+    enabled: bool = False
+    kind: Literal["translate", "scale", "both"] = "translate"
+    max_shift: float = 0.2             # m: dx, dy from linspace(-m, m, 10), fractions of width/height
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    fill: Literal["faithful", "mean"] = "faithful"  # faithful = 128.0 in normalized space (the reference quirk)
+    alpha: float = 0.4                 # weight of the CE on the transformed pass
+    init_weight: float = 1.2           # peak of lambda(e)
+    warmup_fraction: float = 0.2       # W = warmup_fraction * E
+    lambda_on_scale: bool = False      # 'both': the reference leaves lambda off the scale term; True puts it on
+    hidden: int = 384
+
+
+@dataclass
+class TasksConfig:
+    drloc: DrlocConfig = field(default_factory=DrlocConfig)
+    perceptibility: PerceptibilityConfig = field(default_factory=PerceptibilityConfig)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 100
+    lr: float = 1e-3                   # peak learning rate (AdamW)
+    min_lr: float = 1e-6               # cosine floor
+    weight_decay: float = 0.05         # not applied to biases and 1-D parameters
+    warmup_epochs: float = 10.0        # linear warm-up, per iteration
+    betas: tuple = (0.9, 0.999)
+    clip_grad: float = 0.0             # max global grad norm; 0 disables
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class EngineConfig:
+    """How the step runs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 needs a device that supports it; the CPU path uses fp32
+    zero_stage: Literal[0, 1, 2] = 0
+    deepspeed_config: str = ""         # a user's own DeepSpeed JSON, passed through (our generated one otherwise)
+    compile: bool = False              # torch.compile the model
+    channels_last: bool = True
+    kernels: Literal["auto", "triton", "torch"] = "auto"
+    fail_on_nonfinite: bool = True     # stop at a NaN/inf loss (False: skip the step and count it)
+    deterministic: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how often."""
+    out_dir: str = "runs/default"
+    seed: int = 0
+    eval_every: int = 1                # epochs between evaluations on the test split
+    checkpoint_every: int = 1          # epochs between checkpoints (a final one is always written)
+    log_every: int = 10                # steps between metric lines
+    resume: str = ""                   # 'auto' (latest in out_dir), a checkpoint folder, or '' for a fresh run
+    progress: bool = True              # progress bars
+    max_steps: int = 0                 # stop after this many optimizer steps (0 = run all epochs); for tests/bench
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in canonical form, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is tuple:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value):
+            return tuple(float(v) for v in value)
+        raise ConfigError(f"{key}: expected a list of numbers, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown key '{where}' (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], f"{prefix}.{f.name}" if prefix else f.name)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'optim.lr=3e-4' -> ('optim.lr', 0.0003); the value is read as YAML (numbers, booleans, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. optim.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads '3e-4' as a string (no dot); accept it as a float.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") and value.strip() else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree = dict(tree or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or none: all defaults) and apply dotted overrides; raise ConfigError naming the key."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(tree, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express."""
+    checks = [
+        ("data.image_size", cfg.data.image_size > 0, "must be > 0"),
+        ("data.batch_size", cfg.data.batch_size > 0, "must be > 0"),
+        ("data.eval_batch_size", cfg.data.eval_batch_size > 0, "must be > 0"),
+        ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
+        ("data.repeats", cfg.data.repeats >= 1, "must be >= 1"),
+        ("data.crop_padding", cfg.data.crop_padding >= 0, "must be >= 0"),
+        ("data.resident_max_fraction", 0 < cfg.data.resident_max_fraction <= 1, "must be in (0, 1]"),
+        ("data.mix_prob", 0 <= cfg.data.mix_prob <= 1, "must be in [0, 1]"),
+        ("data.erasing_prob", 0 <= cfg.data.erasing_prob <= 1, "must be in [0, 1]"),
+        ("model.num_classes", cfg.model.num_classes >= 0, "must be >= 0"),
+        ("model.drop_path", 0 <= cfg.model.drop_path < 1, "must be in [0, 1)"),
+        ("tasks.drloc.pairs", cfg.tasks.drloc.pairs >= 1, "must be >= 1"),
+        ("tasks.drloc.lambda0", cfg.tasks.drloc.lambda0 >= 0, "must be >= 0"),
+        ("tasks.perceptibility.max_shift", 0 < cfg.tasks.perceptibility.max_shift < 1, "must be in (0, 1)"),
+        ("optim.epochs", cfg.optim.epochs >= 1, "must be >= 1"),
+        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
+        ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, "must be in [0, optim.lr]"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.warmup_epochs", 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs, "must be in [0, optim.epochs]"),
+        ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0"),
+        ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
+        ("run.eval_every", cfg.run.eval_every >= 1, "must be >= 1"),
+        ("run.checkpoint_every", cfg.run.checkpoint_every >= 1, "must be >= 1"),
+        ("run.log_every", cfg.run.log_every >= 1, "must be >= 1"),
+        ("run.max_steps", cfg.run.max_steps >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why} (got {_lookup(cfg, key)!r})")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
+
+
+def _lookup(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def to_dict(cfg: Any) -> dict:
+    """The resolved config as plain data (what a run folder stores as config.yaml)."""
+    out = dataclasses.asdict(cfg)
+    out["optim"]["betas"] = list(out["optim"]["betas"])
+    return out
+
+
+def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """[(dotted key, type, default)] for every leaf: what `smallvit train --help` lists."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe_options(tp, key))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((key, _type_name(tp), repr(default)))
+    return rows

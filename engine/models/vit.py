@@ -1,0 +1,48 @@
+"""ViT at the reference small-data configs (METHODS.md, shared backbone table), built on timm's VisionTransformer
+so its state dict loads into plain timm (`timm.models.VisionTransformer(**model.timm_kwargs)`)."""
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from engine.models import ModelOutput, register_model
+
+
+class SmallViT(VisionTransformer):
+    """timm's VisionTransformer plus `forward_with_tokens`, which keeps the pre-norm last-block tokens."""
+
+    def __init__(self, **timm_kwargs):
+        super().__init__(**timm_kwargs)
+        self.timm_kwargs = dict(timm_kwargs)
+        self.grid_size = self.patch_embed.grid_size[0]
+
+    def forward_with_tokens(self, x: torch.Tensor) -> ModelOutput:
+        """x (B, 3, H, W) -> ModelOutput(logits (B, classes), tokens (B, 1 + k*k, C) pre-norm)."""
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        tokens = self.blocks(x)
+        logits = self.forward_head(self.norm(tokens))
+        return ModelOutput(logits=logits, tokens=tokens, num_prefix=self.num_prefix_tokens, grid=self.grid_size)
+
+
+def _vit(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool) -> SmallViT:
+    if spt or lsa:
+        raise NotImplementedError("SPT/LSA options are not built yet for vit (issue 5)")
+    return SmallViT(img_size=img_size, patch_size=patch, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0,
+                    qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes)
+
+
+@register_model
+def vit_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
+              img_size: int = 32) -> SmallViT:
+    """32 px, patch 4, dim 192, depth 9, 12 heads, mlp ratio 2: about 2.70M parameters with 10 classes."""
+    return _vit(img_size, 4, num_classes, drop_path, spt, lsa)
+
+
+@register_model
+def vit_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
+                      img_size: int = 64) -> SmallViT:
+    """64 px, patch 8 (64 tokens + CLS), otherwise as vit_cifar: about 2.76M parameters with 200 classes."""
+    return _vit(img_size, 8, num_classes, drop_path, spt, lsa)

@@ -1,0 +1,4 @@
+"""kernels: fast paths (Triton) beside the plain PyTorch references they are tested against.
+
+Nothing outside this package imports Triton directly.
+"""

@@ -1,0 +1,78 @@
+"""Plain PyTorch reference of dense relative localization (METHODS.md C): pair sampling, offset targets,
+the pairwise MLP head and the three losses. The Triton kernels beside it are tested against these functions.
+
+Shapes: B images, N = k*k patch tokens on a k x k grid, C channels, m pairs per image, H hidden units.
+Positions are flat grid indices p = row * k + col; offsets are in grid cells (not divided by k).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_pair_positions(batch: int, k: int, m: int, generator: torch.Generator | None = None,
+                          device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """p_i, p_j: (B, m) int64 flat positions, each uniform over the k*k grid, independent, with replacement."""
+    pos = torch.randint(0, k * k, (2, batch, m), generator=generator, device=device)
+    return pos[0], pos[1]
+
+
+def pair_offset_targets(p_i: torch.Tensor, p_j: torch.Tensor, k: int, use_abs: bool = True) -> torch.Tensor:
+    """(B, m, 2) int64 offsets (rows, cols) of p_i relative to p_j.
+
+    use_abs: |Δ| in 0..k-1; otherwise Δ + (k-1) in 0..2k-2 (so they index classes for 'ce'/'cbr').
+    """
+    delta = torch.stack([p_i // k - p_j // k, p_i % k - p_j % k], dim=-1)
+    return delta.abs() if use_abs else delta + (k - 1)
+
+
+def gather_pairs(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor) -> torch.Tensor:
+    """tokens (B, N, C), positions (B, m) -> concat(e_i, e_j): (B, m, 2C)."""
+    c = tokens.shape[-1]
+    e_i = torch.gather(tokens, 1, p_i[..., None].expand(-1, -1, c))
+    e_j = torch.gather(tokens, 1, p_j[..., None].expand(-1, -1, c))
+    return torch.cat([e_i, e_j], dim=-1)
+
+
+def pairwise_head(pairs: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                  out_weights: list[tuple[torch.Tensor, torch.Tensor]], final_relu: bool) -> list[torch.Tensor]:
+    """The drloc MLP on (B, m, 2C) pairs: Linear(2C,H) ReLU Linear(H,H) [ReLU] then each output Linear.
+
+    l1 mode: final_relu=True and one output Linear(H, 2) -> [(B, m, 2)].
+    ce/cbr:  final_relu=False and two output Linear(H, n) -> [(B, m, n) rows, (B, m, n) cols].
+    Weights follow nn.Linear: w (out, in), b (out,).
+    """
+    h = F.relu(F.linear(pairs, w1, b1))
+    h = F.linear(h, w2, b2)
+    if final_relu:
+        h = F.relu(h)
+    return [F.linear(h, w, b) for w, b in out_weights]
+
+
+def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean |pred - target| over B*m*2; pred (B, m, 2) float, target (B, m, 2) int grid units."""
+    return (pred.float() - target.to(torch.float32)).abs().mean()
+
+
+def ce_loss(logits_rows: torch.Tensor, logits_cols: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """CE(rows) + CE(cols); logits (B, m, n), target (B, m, 2) class indices."""
+    n = logits_rows.shape[-1]
+    return (F.cross_entropy(logits_rows.float().reshape(-1, n), target[..., 0].reshape(-1))
+            + F.cross_entropy(logits_cols.float().reshape(-1, n), target[..., 1].reshape(-1)))
+
+
+def cbr_loss(logits_rows: torch.Tensor, logits_cols: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Confidence-based regression, summed over rows and cols (METHODS.md C):
+    p = softmax(logits); mu = sum p*c; var = sum p*(c-mu)^2 + 1e-8; mean(exp(-log var)*(mu-t)^2 + 0.001*log var).
+    """
+    total = logits_rows.new_zeros((), dtype=torch.float32)
+    for axis, logits in enumerate((logits_rows, logits_cols)):
+        n = logits.shape[-1]
+        p = torch.softmax(logits.float(), dim=-1)
+        c = torch.arange(n, device=logits.device, dtype=torch.float32)
+        mu = (p * c).sum(-1)
+        var = (p * (c - mu[..., None]) ** 2).sum(-1) + 1e-8
+        log_var = torch.log(var)
+        t = target[..., axis].to(torch.float32)
+        total = total + (torch.exp(-log_var) * (mu - t) ** 2 + 0.001 * log_var).mean()
+    return total

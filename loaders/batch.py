@@ -1,0 +1,42 @@
+"""The one batch contract every loader yields (ffcv, dali, resident, torchvision).
+
+All tensors live on the training device. Units:
+- images: (B, 3, H, W) float, normalized with the dataset's mean/std from the sidecar, in the model's dtype and
+  memory format (channels_last on CUDA).
+- labels: (B,) int64 class indices, always the original (unmixed) labels.
+- soft_labels: (B, num_classes) float, set when mixup/cutmix mixed the batch (rows sum to 1), else None.
+- index: (B,) int64 positions of the samples in the dataset (before repeats), for exact-once checks and resume.
+- params: the random parameters an auxiliary task uses as targets, each (B, ...) on the device:
+    'translate'      (B, 2) float  dx, dy as fractions of width/height, from linspace(-m, m, 10)
+    'translate_idx'  (B, 2) int64  their grid indices 0..9 (target = idx / 9)
+    'scale'          (B, 1) float  scale factor s from linspace(0.5, 1.5, 10)
+    'scale_idx'      (B, 1) int64  its grid index 0..9
+- transformed: (B, 3, H, W) T(images) for translation/scale perceptibility, else None.
+- crops: multi-crop views for self-supervised pretraining: [global_1, global_2, local_1..local_n], each
+  (B, 3, h, w); None unless asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    soft_labels: Optional[torch.Tensor] = None
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    transformed: Optional[torch.Tensor] = None
+    crops: Optional[list[torch.Tensor]] = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """What the class loss compares with: soft labels after mixing, else the int labels."""
+        return self.soft_labels if self.soft_labels is not None else self.labels

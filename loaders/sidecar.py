@@ -1,0 +1,64 @@
+"""The JSON sidecar written beside every .beton: what loaders and training read instead of hard-coded constants.
+
+    train.beton  ->  train.beton.json
+    {
+      "format": 1, "dataset": "cifar10", "split": "train",
+      "classes": ["airplane", ...], "num_classes": 10, "num_images": 50000,
+      "class_counts": [5000, ...],
+      "image": {"mode": "raw", "height": 32, "width": 32, "jpeg_quality": null, "max_resolution": null},
+      "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.243, 0.261],   # per channel, fractions of 255
+      "source": {"path": "...", "sha256": "..."},
+      "created": "2026-11-23T23:59:00Z", "bytes": 153600000
+    }
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+SIDECAR_FORMAT = 1
+REQUIRED_KEYS = ("dataset", "split", "classes", "num_classes", "num_images", "class_counts", "image", "mean", "std")
+
+
+class DatasetFileError(ValueError):
+    """A dataset file (source, .beton or sidecar) that cannot be used; the message names the file."""
+
+
+def sidecar_path(beton: str | os.PathLike) -> Path:
+    p = Path(beton)
+    return p.with_name(p.name + ".json")
+
+
+def read_sidecar(beton: str | os.PathLike) -> dict[str, Any]:
+    """Load and check the sidecar of `beton`; raise DatasetFileError naming the file when it is missing or bad."""
+    path = sidecar_path(beton)
+    if not Path(beton).is_file():
+        raise DatasetFileError(f"{beton}: no such dataset file")
+    if not path.is_file():
+        raise DatasetFileError(f"{path}: sidecar missing (convert the dataset with `smallvit convert`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetFileError(f"{path}: not valid JSON ({exc})") from None
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise DatasetFileError(f"{path}: sidecar lacks keys {missing}")
+    return meta
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
