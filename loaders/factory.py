@@ -1,0 +1,65 @@
+"""Pick and build a loader from the data config: one call for training and one for evaluation.
+
+`data` is the run's data config, read by attribute (loaders never import engine). 'auto' means resident when the
+split fits in `data.resident_max_fraction` of device memory, else ffcv.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from loaders.order import EpochPlan
+from loaders.sidecar import DatasetFileError, read_sidecar
+from loaders.transforms.pipeline import EvalTransform, TrainTransform
+
+log = logging.getLogger("smallvit.loaders")
+
+
+def check_sidecar(meta: dict, path: str, data, split_role: str) -> None:
+    """Refuse a .beton made from another dataset than the config names, or at a size the model cannot take."""
+    if data.dataset and meta["dataset"] != data.dataset:
+        raise DatasetFileError(f"{path}: holds dataset '{meta['dataset']}' but data.dataset is '{data.dataset}'")
+    h, w = meta["image"]["height"], meta["image"]["width"]
+    if (h, w) != (data.image_size, data.image_size):
+        raise DatasetFileError(f"{path}: images are {h}x{w} but data.image_size is {data.image_size} "
+                               f"(convert with --max-resolution or change data.image_size)")
+
+
+def build_loader(data, train: bool, seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
+    """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict)."""
+    path = data.train if train else data.test
+    if not path:
+        raise DatasetFileError(f"data.{'train' if train else 'test'}: no dataset path given")
+    meta = read_sidecar(path)
+    check_sidecar(meta, path, data, "train" if train else "test")
+    global_batch = data.batch_size if train else data.eval_batch_size
+    if not train:
+        global_batch = min(global_batch, max(world_size, meta["num_images"] // world_size * world_size))
+    plan = EpochPlan(num_samples=meta["num_images"], global_batch=global_batch, seed=seed,
+                     repeats=data.repeats if train else 1, shuffle=train, drop_last=data.drop_last if train else False)
+    if train:
+        transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last)
+    else:
+        transform = EvalTransform(meta["mean"], meta["std"], dtype, channels_last)
+    kind = data.loader
+    if kind == "auto":
+        from loaders.resident import fits_on_device
+
+        nbytes = meta["num_images"] * 3 * meta["image"]["height"] * meta["image"]["width"]
+        ok, why = fits_on_device(nbytes, device, data.resident_max_fraction)
+        kind = "resident" if ok else "ffcv"
+        log.info("loader auto -> %s (%s)", kind, why)
+    if kind == "resident":
+        from loaders.resident import ResidentLoader
+
+        loader = ResidentLoader.from_beton(path, plan, transform, device, rank, world_size, data.num_workers,
+                                           data.resident_max_fraction)
+    elif kind == "ffcv":
+        from loaders.ffcv_loader import FFCVLoader
+
+        loader = FFCVLoader(path, plan, transform, device, rank, world_size, data.num_workers, data.os_cache)
+    else:
+        raise NotImplementedError(f"data.loader={kind}: not built yet")
+    return loader, meta
