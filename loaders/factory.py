@@ -26,6 +26,27 @@ def check_sidecar(meta: dict, path: str, data, split_role: str) -> None:
                                f"(convert with --max-resolution or change data.image_size)")
 
 
+def preflight(data) -> dict:
+    """Check both splits' files before any work starts (sidecar, header, dataset name, image size).
+
+    Returns the training split's sidecar; raises DatasetFileError naming the file at fault.
+    """
+    from loaders.ffcv_loader import check_beton
+
+    metas = {}
+    for role in ("train", "test"):
+        path = getattr(data, role)
+        if not path:
+            raise DatasetFileError(f"data.{role}: no dataset path given")
+        meta = read_sidecar(path)
+        check_sidecar(meta, path, data, role)
+        check_beton(path, meta)
+        metas[role] = meta
+    if metas["train"]["classes"] != metas["test"]["classes"]:
+        raise DatasetFileError(f"{data.test}: its classes differ from those of {data.train}")
+    return metas["train"]
+
+
 def build_loader(data, train: bool, seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False):
     """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict)."""

@@ -33,6 +33,24 @@ def open_beton(path: str | Path, batch_size: int, num_workers: int = 1, os_cache
         raise DatasetFileError(f"{path}: not a readable .beton ({type(exc).__name__}: {exc})") from None
 
 
+def check_beton(path: str | Path, meta: dict) -> None:
+    """Open the .beton header (milliseconds) and check it against its sidecar; DatasetFileError naming the file."""
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetFileError(f"{path}: no such dataset file")
+    try:
+        reader = Reader(str(path))
+    except Exception as exc:  # FFCV asserts on a bad header and raises assorted errors on a short file
+        raise DatasetFileError(f"{path}: not a readable .beton ({type(exc).__name__}: {exc})") from None
+    fields = list(reader.handlers)
+    if fields[:2] != ["image", "label"]:
+        raise DatasetFileError(f"{path}: fields {fields}, expected image and label")
+    if reader.num_samples != meta["num_images"]:
+        raise DatasetFileError(f"{path}: holds {reader.num_samples} samples, its sidecar says {meta['num_images']}")
+
+
 def iterate_order(loader, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Run FFCV's epoch iterator over exactly `order` (a sequence of sample indices)."""
     from ffcv.loader.epoch_iterator import EpochIterator

@@ -1,0 +1,47 @@
+"""`smallvit inspect PATH`: a .beton goes to loaders.inspect; a run or checkpoint folder is described here."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from engine import checkpoint
+
+
+def describe_checkpoint(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    state = checkpoint.read_state(folder)
+    lines = [f"checkpoint {folder}"]
+    lines += [f"  {k}: {v}" for k, v in state.items()]
+    with safe_open(str(folder / checkpoint.EXPORT_FILE), "pt") as fh:
+        keys = list(fh.keys())
+        numel = sum(fh.get_slice(k).get_shape().numel() if hasattr(fh.get_slice(k).get_shape(), "numel")
+                    else _prod(fh.get_slice(k).get_shape()) for k in keys)
+    lines.append(f"  weights: {len(keys)} tensors, {numel:,} parameters ({checkpoint.EXPORT_FILE})")
+    ds_files = sorted(p.name for p in (folder / "ds").iterdir())
+    lines.append(f"  deepspeed files: {', '.join(ds_files)}")
+    return lines
+
+
+def _prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def inspect_path(args) -> int:
+    path = Path(args.path)
+    if path.is_file():
+        from loaders.inspect import run_inspect
+
+        return run_inspect(args)
+    try:
+        folder = checkpoint.resolve(path, "auto") if (path / "checkpoints").is_dir() else checkpoint.resolve(".", str(path))
+        if folder is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint in this run folder")
+        print("\n".join(describe_checkpoint(folder)))
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        print(f"smallvit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

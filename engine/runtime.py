@@ -1,0 +1,88 @@
+"""Process-level setup: distributed init (DeepSpeed's, gloo on CPU), the device, seeds, the DeepSpeed config."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("smallvit")
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_runtime(device_choice: str = "auto") -> Runtime:
+    """Join (or start, when no launcher set the env) the process group and pick the device.
+
+    Without the `deepspeed` launcher, a single process group of one rank is made on localhost, so `smallvit
+    train` needs no launcher on one process.
+    """
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
+    if device_choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device=cuda but no CUDA device is visible")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    return Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                   local_rank=local_rank, device=device)
+
+
+def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
+    """Our DeepSpeed config from the run config (a user's JSON in engine.deepspeed_config replaces it)."""
+    if cfg.engine.deepspeed_config:
+        import json
+
+        path = cfg.engine.deepspeed_config
+        try:
+            with open(path) as fh:
+                user = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"engine.deepspeed_config: cannot read {path} ({exc})") from None
+        user.setdefault("train_batch_size", cfg.data.batch_size)
+        return user
+    if cfg.data.batch_size % world_size:
+        raise ValueError(f"data.batch_size: {cfg.data.batch_size} does not split over {world_size} ranks")
+    return {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": cfg.engine.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def step_seed(seed: int, global_step: int, rank: int) -> int:
+    """A seed for everything random inside one step (drop-path, pair sampling): a pure function of the step,
+    so an interrupted and resumed run draws exactly what the uninterrupted one drew."""
+    return (seed * 1_000_003 + global_step * 9_176 + rank * 7_919) % (2**63 - 1)

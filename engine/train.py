@@ -1,0 +1,339 @@
+"""Supervised training under DeepSpeed: the loop, written out top to bottom.
+
+    deepspeed engine/train.py --config configs/cifar10_vit_drloc.yaml [key=value ...]   # any number of ranks
+    smallvit train --config ... [key=value ...]                                          # one process, no launcher
+
+Per step: batch from the loader (already augmented on the device) -> one forward over the images and every view the
+auxiliary tasks ask for -> class loss + sum of the tasks' weighted losses -> DeepSpeed backward/step. Every random
+draw inside a step is seeded from (seed, global step, rank), and the loader order from (seed, epoch), so a resumed
+run continues exactly where the interrupted one was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`deepspeed engine/train.py`): import the package, not engine/*.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from engine import checkpoint
+from engine.config import Config, ConfigError, load_config, to_dict
+from engine.models import ModelOutput, create_model
+from engine.run_log import RunLog, environment, plot_curves
+from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
+from engine.schedule import lr_at
+from engine.tasks import build_tasks
+from loaders.batch import Batch
+from loaders.factory import build_loader, preflight
+
+log = logging.getLogger("smallvit")
+
+EXIT_INTERRUPTED = 143   # SIGTERM/Ctrl-C: a final checkpoint was written; rerun with run.resume=auto
+EXIT_NONFINITE = 3       # a NaN/inf loss stopped the run (engine.fail_on_nonfinite)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class TrainModule(nn.Module):
+    """The model and its auxiliary tasks as one module, so DeepSpeed owns every trainable parameter."""
+
+    def __init__(self, model: nn.Module, tasks: nn.ModuleList, label_smoothing: float):
+        super().__init__()
+        self.model = model
+        self.tasks = tasks
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: Batch, epoch: float, generator: torch.Generator | None = None):
+        """-> (total loss scalar, {name: detached scalar} for the logs)."""
+        views = [v for task in self.tasks for v in task.extra_views(batch)]
+        images = torch.cat([batch.images, *views]) if views else batch.images
+        out = self.model.forward_with_tokens(images)
+        outputs = split_output(out, 1 + len(views))
+        if batch.soft_labels is not None:
+            cls_loss = torch.sum(-batch.soft_labels * F.log_softmax(outputs[0].logits.float(), dim=-1), -1).mean()
+        else:
+            cls_loss = F.cross_entropy(outputs[0].logits.float(), batch.labels, label_smoothing=self.label_smoothing)
+        total = cls_loss
+        parts = {"cls_loss": cls_loss.detach()}
+        for task in self.tasks:
+            res = task.compute(outputs, batch, epoch, generator)
+            total = total + res.loss
+            parts[f"{task.name}_loss"] = res.raw
+            parts.update({f"{task.name}_{k}": v for k, v in res.metrics.items()})
+        return total, parts
+
+
+def split_output(out: ModelOutput, n: int) -> list[ModelOutput]:
+    """Split a forward over n stacked views of one batch back into n outputs."""
+    if n == 1:
+        return [out]
+    return [ModelOutput(logits=lg, tokens=tk, num_prefix=out.num_prefix, grid=out.grid)
+            for lg, tk in zip(out.logits.chunk(n), out.tokens.chunk(n))]
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as in the recipes: no weight decay on biases and 1-D parameters (norms, tokens, embeddings)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
+         else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, rt: Runtime, dtype: torch.dtype) -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean CE loss over the whole test split, summed across ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)   # loss sum, top1, top5, count
+    autocast = torch.autocast(rt.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    for batch in loader.epoch(0):
+        with autocast:
+            logits = model(batch.images).float()
+        sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum").double()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == batch.labels[:, None]
+        sums[1] += hits[:, 0].sum()
+        sums[2] += hits.any(1).sum()
+        sums[3] += len(batch)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+    model.train()
+    n = max(sums[3].item(), 1.0)
+    return {"loss": sums[0].item() / n, "top1": 100.0 * sums[1].item() / n, "top5": 100.0 * sums[2].item() / n,
+            "count": int(sums[3].item())}
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary and writes a final checkpoint."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+
+def train(cfg: Config) -> dict:
+    """Run the configured training; return the final summary (also written to out_dir/summary.json)."""
+    preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
+    rt = init_runtime(cfg.engine.device)
+    out_dir = Path(cfg.run.out_dir)
+    if cfg.engine.deterministic:
+        torch.use_deterministic_algorithms(True)
+    bf16 = cfg.engine.precision == "bf16" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if cfg.engine.precision == "bf16" and not bf16 and rt.is_main:
+        log.info("engine.precision=bf16 needs a CUDA device with bf16; running fp32 on %s", rt.device)
+    channels_last = cfg.engine.channels_last and rt.device.type == "cuda"
+
+    # ---- data
+    train_loader, meta = build_loader(cfg.data, True, cfg.run.seed, rt.device, rt.rank, rt.world_size,
+                                      torch.float32, channels_last)
+    test_loader, _ = build_loader(cfg.data, False, cfg.run.seed, rt.device, rt.rank, rt.world_size,
+                                  torch.float32, channels_last)
+    num_classes = cfg.model.num_classes or meta["num_classes"]
+    if num_classes != meta["num_classes"]:
+        raise ConfigError(f"model.num_classes: {num_classes} but {cfg.data.train} has {meta['num_classes']} classes")
+
+    # ---- model, tasks, DeepSpeed
+    torch.manual_seed(cfg.run.seed)
+    model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
+                         spt=cfg.model.spt, lsa=cfg.model.lsa)
+    tasks = build_tasks(cfg, model.embed_dim, model.grid_size)
+    module = TrainModule(model, tasks, cfg.optim.label_smoothing)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=cfg.optim.betas, fused=rt.device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, rt.world_size, bf16))
+    forward_model = torch.compile(module.model) if cfg.engine.compile else module.model
+
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {meta['num_images']} "
+                          f"training images (drop_last leaves no step)")
+    total_steps = cfg.optim.epochs * steps_per_epoch
+    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+
+    # ---- resume
+    epoch, step_in_epoch, global_step, best_top1 = 0, 0, 0, 0.0
+    if rt.is_main:
+        checkpoint.remove_stale(out_dir)
+    folder = checkpoint.resolve(out_dir, cfg.run.resume)
+    if folder is not None:
+        saved = checkpoint.read_state(folder)
+        if saved["model"] != cfg.model.name or saved["num_classes"] != num_classes:
+            raise ConfigError(f"run.resume: {folder} holds {saved['model']} with {saved['num_classes']} classes, "
+                              f"the config asks for {cfg.model.name} with {num_classes}")
+        state = checkpoint.load(engine, folder)
+        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        global_step, best_top1 = state["global_step"], state["best_top1"]
+        if step_in_epoch >= steps_per_epoch:
+            epoch, step_in_epoch = epoch + 1, 0
+        if rt.is_main:
+            log.info("resumed from %s at epoch %d step %d (global step %d)", folder, epoch, step_in_epoch,
+                     global_step)
+
+    run_log = None
+    if rt.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        (out_dir / "environment.json").write_text(json.dumps({**environment(), "world_size": rt.world_size,
+                                                               "device": str(rt.device)}, indent=2))
+        run_log = RunLog(out_dir)
+
+    def save_state() -> Path:
+        return checkpoint.save(engine, out_dir, global_step, {
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best_top1": best_top1,
+            "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size}, rt.is_main)
+
+    stop = StopFlag()
+    stop.install()
+    generator = torch.Generator(device=rt.device)
+    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    max_steps = cfg.run.max_steps or total_steps
+    last_eval: dict = {}
+    progress = None
+    if rt.is_main and cfg.run.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=min(total_steps, max_steps), initial=global_step, unit="step", dynamic_ncols=True,
+                        file=sys.stdout)
+    t_start, seen = time.perf_counter(), 0
+    exit_code = 0
+    engine.train()
+    while epoch < cfg.optim.epochs and global_step < max_steps and exit_code == 0:
+        for batch in train_loader.epoch(epoch, step_in_epoch):
+            lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            seed = step_seed(cfg.run.seed, global_step, rt.rank)
+            torch.manual_seed(seed)
+            generator.manual_seed(seed)
+            with autocast:
+                loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, generator)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                if cfg.engine.fail_on_nonfinite:
+                    raise NonFiniteLoss(f"non-finite loss {loss_value} at global step {global_step} "
+                                        f"(epoch {epoch}, step {step_in_epoch}); nothing was saved for this step")
+                engine.zero_grad() if hasattr(engine, "zero_grad") else optimizer.zero_grad(set_to_none=True)
+            else:
+                engine.backward(loss)
+                engine.step()
+            global_step += 1
+            step_in_epoch += 1
+            seen += len(batch) * rt.world_size
+            if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
+                record = {"kind": "train", "step": global_step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                          **{k: float(v) for k, v in parts.items()}}
+                if run_log:
+                    run_log.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
+                                     img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
+            if stop.signal is not None or global_step >= max_steps:
+                break
+        else:
+            # the epoch ran to its end
+            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                last_eval = evaluate(forward_model, test_loader, rt, torch.bfloat16 if bf16 else torch.float32)
+                best_top1 = max(best_top1, last_eval["top1"])
+                if run_log:
+                    run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
+                                   "best_top1": best_top1})
+                if progress is not None:
+                    progress.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: test top-1 {last_eval['top1']:.2f}% "
+                                   f"(best {best_top1:.2f}%), loss {last_eval['loss']:.4f}")
+            epoch, step_in_epoch = epoch + 1, 0
+            if epoch % cfg.run.checkpoint_every == 0 or epoch == cfg.optim.epochs:
+                save_state()
+            continue
+        # left the epoch early: a signal or max_steps
+        if stop.signal is not None:
+            save_state()
+            exit_code = EXIT_INTERRUPTED
+            if rt.is_main:
+                log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
+                            stop.signal, global_step)
+        else:
+            save_state()
+        break
+
+    if progress is not None:
+        progress.close()
+    elapsed = time.perf_counter() - t_start
+    summary = {"epochs_done": epoch, "global_step": global_step, "best_top1": best_top1,
+               "last": last_eval, "seconds": round(elapsed, 2), "images_per_second": round(seen / max(elapsed, 1e-9), 1),
+               "exit_code": exit_code}
+    if rt.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        run_log.close()
+        if (out_dir / "metrics.jsonl").is_file():
+            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`deepspeed engine/train.py --config FILE [key=value ...]` (DeepSpeed adds --local_rank)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="smallvit training under DeepSpeed")
+    parser.add_argument("--config", default="", help="YAML recipe (default: built-in defaults)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config or None, args.overrides)
+    except ConfigError as exc:
+        print(f"smallvit: error: {exc}", file=sys.stderr)
+        return 2
+    return run_training(cfg)
+
+
+def run_training(cfg: Config) -> int:
+    """Train and turn the known failures into one line and an exit code."""
+    from loaders.sidecar import DatasetFileError
+
+    try:
+        summary = train(cfg)
+    except (ConfigError, DatasetFileError, FileNotFoundError, NotImplementedError, ValueError) as exc:
+        print(f"smallvit: error: {exc}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as exc:
+        print(f"smallvit: error: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
+    if summary["exit_code"] == 0 and summary.get("last"):
+        print(f"final test top-1 {summary['last']['top1']:.2f}% (best {summary['best_top1']:.2f}%), "
+              f"{summary['images_per_second']:.0f} img/s, {summary['seconds']:.0f} s")
+    return summary["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
