@@ -2,11 +2,15 @@
 
 Every model returns a `ModelOutput` from `forward_with_tokens(x)`: the class logits and the last block's tokens
 before the final norm, so auxiliary tasks never need a second forward pass for their features.
+
+Every registered model also has `forward(x) -> logits`, `embed_dim` (the channel count C of `ModelOutput.tokens`,
+which for Swin is the last stage's width, not the stem's) and `grid_size` (k, the side of the token grid).
+Registered: vit_cifar, vit_tiny_imagenet, swin_cifar, swin_tiny_imagenet, cait_cifar, cait_tiny_imagenet.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -17,16 +21,34 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 @dataclass
 class ModelOutput:
     """logits: (B, num_classes). tokens: (B, num_prefix + k*k, C) last block, before the final norm.
-    num_prefix: leading non-patch tokens (CLS) in `tokens`. grid: k, the patch grid side."""
+    num_prefix: leading non-patch tokens (CLS) in `tokens`. grid: k, the patch grid side.
+    features: (B, N, C) the tokens translation/scale perceptibility averages, when they differ from `tokens`
+    (Swin: the final-normed last stage, METHODS.md A); None means `tokens` (ViT, CaiT: all tokens incl. CLS,
+    before the final norm)."""
     logits: torch.Tensor
     tokens: torch.Tensor
     num_prefix: int
     grid: int
+    features: Optional[torch.Tensor] = None
 
     @property
     def patch_tokens(self) -> torch.Tensor:
         """(B, k*k, C) patch tokens in row-major grid order."""
         return self.tokens[:, self.num_prefix:]
+
+    @property
+    def perception_tokens(self) -> torch.Tensor:
+        """(B, N, C) what translation/scale perceptibility averages over N."""
+        return self.tokens if self.features is None else self.features
+
+    def split(self, n: int) -> list["ModelOutput"]:
+        """Split a forward over n stacked views of one batch (along B) into n outputs, every field included."""
+        if n == 1:
+            return [self]
+        logits, tokens = self.logits.chunk(n), self.tokens.chunk(n)
+        features = self.features.chunk(n) if self.features is not None else [None] * n
+        return [ModelOutput(logits=lg, tokens=tk, num_prefix=self.num_prefix, grid=self.grid, features=ft)
+                for lg, tk, ft in zip(logits, tokens, features)]
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -45,4 +67,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-from engine.models import vit  # noqa: E402,F401  (registers)
+from engine.models import cait, swin, vit  # noqa: E402,F401  (registers)

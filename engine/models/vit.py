@@ -1,19 +1,32 @@
 """ViT at the reference small-data configs (METHODS.md, shared backbone table), built on timm's VisionTransformer
-so its state dict loads into plain timm (`timm.models.VisionTransformer(**model.timm_kwargs)`)."""
+so its state dict loads into plain timm (`timm.models.VisionTransformer(**model.timm_kwargs)`) when neither SPT
+nor LSA is on (those replace timm's patch embedding / attention with engine.models.spt / engine.models.lsa).
+
+Reference: B's VisionTransformer (timm's design: conv patch embedding, qkv bias, LayerNorm eps 1e-6, CLS token,
+learned position embedding, linearly increasing drop-path) = 2,697,610 parameters for vit_cifar with 10 classes.
+"""
 from __future__ import annotations
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from engine.models import ModelOutput, register_model
+from engine.models.lsa import LSAAttention
+from engine.models.spt import SPTPatchEmbed
 
 
 class SmallViT(VisionTransformer):
     """timm's VisionTransformer plus `forward_with_tokens`, which keeps the pre-norm last-block tokens."""
 
-    def __init__(self, **timm_kwargs):
-        super().__init__(**timm_kwargs)
+    def __init__(self, spt: bool = False, lsa: bool = False, **timm_kwargs):
+        extra = {}
+        if spt:
+            extra["embed_layer"] = SPTPatchEmbed
+        if lsa:
+            extra["attn_layer"] = LSAAttention
+        super().__init__(**timm_kwargs, **extra)
         self.timm_kwargs = dict(timm_kwargs)
+        self.spt, self.lsa = spt, lsa
         self.grid_size = self.patch_embed.grid_size[0]
 
     def forward_with_tokens(self, x: torch.Tensor) -> ModelOutput:
@@ -27,22 +40,23 @@ class SmallViT(VisionTransformer):
         return ModelOutput(logits=logits, tokens=tokens, num_prefix=self.num_prefix_tokens, grid=self.grid_size)
 
 
-def _vit(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool) -> SmallViT:
-    if spt or lsa:
-        raise NotImplementedError("SPT/LSA options are not built yet for vit (issue 5)")
-    return SmallViT(img_size=img_size, patch_size=patch, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0,
-                    qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes)
+def _vit(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool,
+         **overrides) -> SmallViT:
+    kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0,
+                  qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes)
+    kwargs.update(overrides)   # e.g. depth=2, embed_dim=64 for small test models
+    return SmallViT(spt=spt, lsa=lsa, **kwargs)
 
 
 @register_model
 def vit_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-              img_size: int = 32) -> SmallViT:
-    """32 px, patch 4, dim 192, depth 9, 12 heads, mlp ratio 2: about 2.70M parameters with 10 classes."""
-    return _vit(img_size, 4, num_classes, drop_path, spt, lsa)
+              img_size: int = 32, **overrides) -> SmallViT:
+    """32 px, patch 4, dim 192, depth 9, 12 heads, mlp ratio 2: 2,697,610 parameters with 10 classes."""
+    return _vit(img_size, 4, num_classes, drop_path, spt, lsa, **overrides)
 
 
 @register_model
 def vit_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-                      img_size: int = 64) -> SmallViT:
-    """64 px, patch 8 (64 tokens + CLS), otherwise as vit_cifar: about 2.76M parameters with 200 classes."""
-    return _vit(img_size, 8, num_classes, drop_path, spt, lsa)
+                      img_size: int = 64, **overrides) -> SmallViT:
+    """64 px, patch 8 (64 tokens + CLS), otherwise as vit_cifar: 2,761,928 parameters with 200 classes."""
+    return _vit(img_size, 8, num_classes, drop_path, spt, lsa, **overrides)

@@ -1,0 +1,70 @@
+"""CaiT at the reference small-data configs (METHODS.md, shared backbone table), built on timm's Cait so its
+state dict loads into plain timm (`timm.models.cait.Cait(**model.timm_kwargs)`) when SPT and LSA are off.
+
+Reference: B's cait_models (a copy of timm's CaiT): embed 192, 24 talking-head blocks + 2 class-attention blocks,
+4 heads, mlp ratio 2 (class-attention blocks keep ratio 4, the code's `mlp_ratio_clstk` default), qkv bias,
+LayerScale init 1e-5, constant drop-path on the 24 blocks: 8,053,450 parameters with 10 classes. METHODS.md's
+"≈7.7M" is the papers' quoted figure; B's code gives 8.05M, and 7,757,770 only with `cls_mlp_ratio=2.0`.
+"""
+from __future__ import annotations
+
+import torch
+from timm.models.cait import Cait
+
+from engine.models import ModelOutput, register_model
+from engine.models.lsa import LSAClassAttn, LSATalkingHeadAttn, LSATalkingHeadAttnReference
+from engine.models.spt import SPTPatchEmbed
+
+
+class SmallCaiT(Cait):
+    """timm's Cait plus SPT/LSA options and `forward_with_tokens`.
+
+    lsa_reference_diagonal: reproduce D's CaiT LSA, whose diagonal "mask" writes -1e-9 (a no-op); default off.
+    """
+
+    def __init__(self, spt: bool = False, lsa: bool = False, lsa_reference_diagonal: bool = False, **timm_kwargs):
+        extra = {}
+        if spt:
+            extra["patch_layer"] = SPTPatchEmbed
+        if lsa:
+            extra["attn_block"] = LSATalkingHeadAttnReference if lsa_reference_diagonal else LSATalkingHeadAttn
+            extra["attn_block_token_only"] = LSAClassAttn
+        super().__init__(**timm_kwargs, **extra)
+        self.timm_kwargs = dict(timm_kwargs)
+        self.spt, self.lsa = spt, lsa
+        self.grid_size = self.patch_embed.grid_size[0]
+
+    def forward_with_tokens(self, x: torch.Tensor) -> ModelOutput:
+        """x (B, 3, H, W) -> ModelOutput(logits, tokens (B, 1 + k*k, C): the CLS token after the class-attention
+        blocks and the patch tokens after the last patch block, both before the final norm)."""
+        x = self.patch_embed(x) + self.pos_embed
+        x = self.pos_drop(x)
+        x = self.blocks(x)
+        tokens = self.forward_cls(x)
+        logits = self.forward_head(self.norm(tokens))
+        return ModelOutput(logits=logits, tokens=tokens, num_prefix=1, grid=self.grid_size)
+
+
+def _cait(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool,
+          cls_mlp_ratio: float, lsa_reference_diagonal: bool, **overrides) -> SmallCaiT:
+    kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=192, depth=24, num_heads=4, mlp_ratio=2.0,
+                  qkv_bias=True, init_values=1e-5, depth_token_only=2, mlp_ratio_token_only=cls_mlp_ratio,
+                  drop_path_rate=drop_path, num_classes=num_classes)
+    kwargs.update(overrides)
+    return SmallCaiT(spt=spt, lsa=lsa, lsa_reference_diagonal=lsa_reference_diagonal, **kwargs)
+
+
+@register_model
+def cait_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
+               img_size: int = 32, cls_mlp_ratio: float = 4.0, lsa_reference_diagonal: bool = False,
+               **overrides) -> SmallCaiT:
+    """32 px, patch 4, embed 192, depth 24 + 2, 4 heads, mlp 2, LayerScale 1e-5: 8,053,450 parameters (10 classes)."""
+    return _cait(img_size, 4, num_classes, drop_path, spt, lsa, cls_mlp_ratio, lsa_reference_diagonal, **overrides)
+
+
+@register_model
+def cait_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
+                       img_size: int = 64, cls_mlp_ratio: float = 4.0, lsa_reference_diagonal: bool = False,
+                       **overrides) -> SmallCaiT:
+    """64 px, patch 8, otherwise as cait_cifar: 8,117,768 parameters with 200 classes."""
+    return _cait(img_size, 8, num_classes, drop_path, spt, lsa, cls_mlp_ratio, lsa_reference_diagonal, **overrides)

@@ -1,0 +1,118 @@
+"""Swin at the reference small-data configs (METHODS.md, shared backbone table), built on timm's SwinTransformer
+so its state dict loads into plain timm (`timm.models.SwinTransformer(**model.timm_kwargs)`) when SPT, LSA and
+`ape` are off.
+
+Reference: B's Swin (EsViT/DINO code: conv patch embedding + LayerNorm, relative position bias, PatchMerging,
+LayerNorm eps 1e-6, no absolute position embedding) = timm's SwinTransformer with embed 96, depths 2-6-4,
+heads 3-6-12, window 4, mlp ratio 2: 7,048,612 parameters with 10 classes. Stage grids for 32 px / patch 2 and
+64 px / patch 4 are 16 -> 8 -> 4; the last stage (4 x 4) fits one window, so it is not shifted.
+
+D's Swin (SPT_LSA_ViT) differs: an absolute position embedding (`ape=True`, +L*96 parameters: 7,073,188 with 10
+classes) and, with `spt=True`, SPT as the stem and in place of every PatchMerging; with `lsa=True` every window
+attention becomes engine.models.lsa.LSAWindowAttention.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models.swin_transformer import PatchMerging, SwinTransformer
+from torch import nn
+
+from engine.models import ModelOutput, register_model
+from engine.models.lsa import LSAWindowAttention
+from engine.models.spt import SPTMerging, SPTPatchEmbed
+
+
+def _init_like_timm(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _lsa_from(attn: nn.Module) -> LSAWindowAttention:
+    """An LSA window attention with the same shapes, carrying over attn's weights (qkv, proj, bias table)."""
+    head_dim = attn.qkv.out_features // 3 // attn.num_heads
+    lsa = LSAWindowAttention(attn.dim, attn.num_heads, head_dim=head_dim, window_size=attn.window_size,
+                             qkv_bias=attn.qkv.bias is not None, attn_drop=attn.attn_drop.p,
+                             proj_drop=attn.proj_drop.p)
+    lsa.load_state_dict(attn.state_dict(), strict=False)
+    return lsa.to(attn.qkv.weight.device)
+
+
+class SmallSwin(SwinTransformer):
+    """timm's SwinTransformer plus SPT/LSA/ape options and `forward_with_tokens`.
+
+    `embed_dim` is the width of the last stage (the tokens the auxiliary tasks see), `stem_dim` the first's.
+    """
+
+    def __init__(self, spt: bool = False, lsa: bool = False, ape: bool = False, **timm_kwargs):
+        extra = {"embed_layer": SPTPatchEmbed} if spt else {}
+        super().__init__(**timm_kwargs, **extra)
+        self.timm_kwargs = dict(timm_kwargs)
+        self.spt, self.lsa = spt, lsa
+        self.stem_dim = self.embed_dim
+        self.embed_dim = self.num_features
+        stem_grid = self.patch_embed.grid_size
+        self.grid_size = stem_grid[0] // 2 ** (self.num_layers - 1)
+        if spt:
+            for stage in self.layers:
+                if isinstance(stage.downsample, PatchMerging):
+                    stage.downsample = SPTMerging(stage.downsample.dim, stage.downsample.out_dim)
+                    _init_like_timm(stage.downsample)
+        if lsa:
+            for stage in self.layers:
+                for block in stage.blocks:
+                    block.attn = _lsa_from(block.attn)
+        if ape:
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, stem_grid[0], stem_grid[1], self.stem_dim))
+            trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+
+    def _stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)                     # (B, H/p, W/p, C0)
+        if self.absolute_pos_embed is not None:
+            x = x + self.absolute_pos_embed
+        return self.layers(x)                       # (B, k, k, C)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self._stages(x))
+
+    def forward_with_tokens(self, x: torch.Tensor) -> ModelOutput:
+        """x (B, 3, H, W) -> ModelOutput(logits, tokens (B, k*k, C) last stage pre-norm, num_prefix 0,
+        features (B, k*k, C) the same tokens after the final norm)."""
+        last = self._stages(x)
+        normed = self.norm(last)
+        logits = self.forward_head(normed)
+        return ModelOutput(logits=logits, tokens=last.flatten(1, 2), num_prefix=0, grid=self.grid_size,
+                           features=normed.flatten(1, 2))
+
+
+def _swin(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool, ape: bool,
+          **overrides) -> SmallSwin:
+    kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=96, depths=(2, 6, 4), num_heads=(3, 6, 12),
+                  window_size=4, mlp_ratio=2.0, qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes,
+                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    kwargs.update(overrides)
+    return SmallSwin(spt=spt, lsa=lsa, ape=ape, **kwargs)
+
+
+@register_model
+def swin_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
+               ape: bool = False, img_size: int = 32, **overrides) -> SmallSwin:
+    """32 px, patch 2, embed 96, depths 2-6-4, heads 3-6-12, window 4, mlp 2: 7,048,612 parameters (10 classes)."""
+    return _swin(img_size, 2, num_classes, drop_path, spt, lsa, ape, **overrides)
+
+
+@register_model
+def swin_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
+                       ape: bool = False, img_size: int = 64, **overrides) -> SmallSwin:
+    """64 px, patch 4, otherwise as swin_cifar: 7,125,218 parameters with 200 classes."""
+    return _swin(img_size, 4, num_classes, drop_path, spt, lsa, ape, **overrides)
