@@ -1,0 +1,325 @@
+"""AutoAugment (CIFAR10, SVHN, ImageNet policies) and RandAugment, batched on uint8 images.
+
+Definitions are torchvision's (torchvision.transforms.AutoAugment / RandAugment, torchvision 0.29): the same
+policy tables, magnitude bins, sign rule and op implementations (transforms/_functional_tensor.py), so each op
+here equals torchvision.transforms.functional on the same parameters (tests/test_transforms_autoaugment.py).
+
+Batching: every image draws its sub-policy / ops from its counter-based key; for each stage the images that drew
+the same op are gathered (index_select), transformed together by one batched op with per-image magnitudes, and
+written back. No per-image Python: the Python loop runs over the at most 15 op kinds.
+
+Magnitudes are kept as indices into a per-op table of signed values (Python doubles, computed exactly as
+torchvision computes them); geometric ops turn the table into inverse affine matrices once per image size.
+
+Random slots used (loaders.transforms.rng): AutoAugment 8 (sub-policy), 9-10 (apply draws), 11-12 (signs);
+RandAugment 16 + 2k (op of step k), 17 + 2k (sign of step k).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from loaders.transforms.affine import inverse_affine_matrix, theta_table, warp_nearest
+from loaders.transforms.rng import randint, uniform
+
+OP_NAMES = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+            "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
+OP_INDEX = {name: i for i, name in enumerate(OP_NAMES)}
+RANDAUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+                   "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+SLOT_AA_POLICY, SLOT_AA_APPLY, SLOT_AA_SIGN = 8, 9, 11
+SLOT_RA = 16
+
+POLICIES: dict[str, list] = {
+    "imagenet": [
+        (("Posterize", 0.4, 8), ("Rotate", 0.6, 9)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)), (("Posterize", 0.6, 7), ("Posterize", 0.6, 6)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Equalize", 0.4, None), ("Rotate", 0.8, 8)),
+        (("Solarize", 0.6, 3), ("Equalize", 0.6, None)), (("Posterize", 0.8, 5), ("Equalize", 1.0, None)),
+        (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)), (("Equalize", 0.6, None), ("Posterize", 0.4, 6)),
+        (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, None)),
+        (("Equalize", 0.0, None), ("Equalize", 0.8, None)), (("Invert", 0.6, None), ("Equalize", 1.0, None)),
+        (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+        (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, None)),
+        (("ShearX", 0.6, 5), ("Equalize", 1.0, None)), (("Color", 0.4, 0), ("Equalize", 0.6, None)),
+        (("Equalize", 0.4, None), ("Solarize", 0.2, 4)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, None)),
+        (("Invert", 0.6, None), ("Equalize", 1.0, None)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+        (("Equalize", 0.8, None), ("Equalize", 0.6, None)),
+    ],
+    "cifar10": [
+        (("Invert", 0.1, None), ("Contrast", 0.2, 6)), (("Rotate", 0.7, 2), ("TranslateX", 0.3, 9)),
+        (("Sharpness", 0.8, 1), ("Sharpness", 0.9, 3)), (("ShearY", 0.5, 8), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.5, None), ("Equalize", 0.9, None)), (("ShearY", 0.2, 7), ("Posterize", 0.3, 7)),
+        (("Color", 0.4, 3), ("Brightness", 0.6, 7)), (("Sharpness", 0.3, 9), ("Brightness", 0.7, 9)),
+        (("Equalize", 0.6, None), ("Equalize", 0.5, None)), (("Contrast", 0.6, 7), ("Sharpness", 0.6, 5)),
+        (("Color", 0.7, 7), ("TranslateX", 0.5, 8)), (("Equalize", 0.3, None), ("AutoContrast", 0.4, None)),
+        (("TranslateY", 0.4, 3), ("Sharpness", 0.2, 6)), (("Brightness", 0.9, 6), ("Color", 0.2, 8)),
+        (("Solarize", 0.5, 2), ("Invert", 0.0, None)), (("Equalize", 0.2, None), ("AutoContrast", 0.6, None)),
+        (("Equalize", 0.2, None), ("Equalize", 0.6, None)), (("Color", 0.9, 9), ("Equalize", 0.6, None)),
+        (("AutoContrast", 0.8, None), ("Solarize", 0.2, 8)), (("Brightness", 0.1, 3), ("Color", 0.7, 0)),
+        (("Solarize", 0.4, 5), ("AutoContrast", 0.9, None)), (("TranslateY", 0.9, 9), ("TranslateY", 0.7, 9)),
+        (("AutoContrast", 0.9, None), ("Solarize", 0.8, 3)), (("Equalize", 0.8, None), ("Invert", 0.1, None)),
+        (("TranslateY", 0.7, 9), ("AutoContrast", 0.9, None)),
+    ],
+    "svhn": [
+        (("ShearX", 0.9, 4), ("Invert", 0.2, None)), (("ShearY", 0.9, 8), ("Invert", 0.7, None)),
+        (("Equalize", 0.6, None), ("Solarize", 0.6, 6)), (("Invert", 0.9, None), ("Equalize", 0.6, None)),
+        (("Equalize", 0.6, None), ("Rotate", 0.9, 3)), (("ShearX", 0.9, 4), ("AutoContrast", 0.8, None)),
+        (("ShearY", 0.9, 8), ("Invert", 0.4, None)), (("ShearY", 0.9, 5), ("Solarize", 0.2, 6)),
+        (("Invert", 0.9, None), ("AutoContrast", 0.8, None)), (("Equalize", 0.6, None), ("Rotate", 0.9, 3)),
+        (("ShearX", 0.9, 4), ("Solarize", 0.3, 3)), (("ShearY", 0.8, 8), ("Invert", 0.7, None)),
+        (("Equalize", 0.9, None), ("TranslateY", 0.6, 6)), (("Invert", 0.9, None), ("Equalize", 0.6, None)),
+        (("Contrast", 0.3, 3), ("Rotate", 0.8, 4)), (("Invert", 0.8, None), ("TranslateY", 0.0, 2)),
+        (("ShearY", 0.7, 6), ("Solarize", 0.4, 8)), (("Invert", 0.6, None), ("Rotate", 0.8, 4)),
+        (("ShearY", 0.3, 7), ("TranslateX", 0.9, 3)), (("ShearX", 0.1, 6), ("Invert", 0.6, None)),
+        (("Solarize", 0.7, 2), ("TranslateY", 0.6, 7)), (("ShearY", 0.8, 4), ("Invert", 0.8, None)),
+        (("ShearX", 0.7, 9), ("TranslateY", 0.8, 3)), (("ShearY", 0.8, 5), ("AutoContrast", 0.7, None)),
+        (("ShearX", 0.7, 2), ("Invert", 0.1, None)),
+    ],
+}
+
+
+# ----------------------------------------------------------------------------------------- magnitude tables
+def augmentation_space(num_bins: int, height: int, width: int) -> dict[str, tuple[list[float], bool]]:
+    """op -> (magnitude per bin as Python floats, signed), computed with torchvision's exact expressions."""
+    def lin(lo: float, hi: float) -> list[float]:
+        return [float(v) for v in torch.linspace(lo, hi, num_bins).tolist()]
+
+    posterize = (8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int()).tolist()
+    return {
+        "Identity": ([0.0], False),
+        "ShearX": (lin(0.0, 0.3), True), "ShearY": (lin(0.0, 0.3), True),
+        "TranslateX": (lin(0.0, 150.0 / 331.0 * width), True), "TranslateY": (lin(0.0, 150.0 / 331.0 * height), True),
+        "Rotate": (lin(0.0, 30.0), True), "Brightness": (lin(0.0, 0.9), True), "Color": (lin(0.0, 0.9), True),
+        "Contrast": (lin(0.0, 0.9), True), "Sharpness": (lin(0.0, 0.9), True),
+        "Posterize": ([float(v) for v in posterize], False), "Solarize": (lin(255.0, 0.0), False),
+        "AutoContrast": ([0.0], False), "Equalize": ([0.0], False), "Invert": ([0.0], False),
+    }
+
+
+@lru_cache(maxsize=64)
+def signed_values(num_bins: int, height: int, width: int, op: str) -> tuple[float, ...]:
+    """Per op, the table a magnitude index points into: bins 0..n-1 positive, n..2n-1 negated (signed ops)."""
+    values, signed = augmentation_space(num_bins, height, width)[op]
+    return tuple(values) + (tuple(-v for v in values) if signed else ())
+
+
+# ---------------------------------------------------------------------------------------------- batched ops
+def _geometric_matrix(op: str, magnitude: float, height: int, width: int) -> list[float]:
+    """The inverse matrix torchvision builds for a geometric op (tensor path)."""
+    if op in ("ShearX", "ShearY"):
+        shear = math.degrees(math.atan(magnitude))
+        center = [0.0 - width * 0.5, 0.0 - height * 0.5]            # F.affine(center=[0, 0]) on a tensor
+        return inverse_affine_matrix(center, 0.0, [0.0, 0.0], 1.0,
+                                     [shear, 0.0] if op == "ShearX" else [0.0, shear])
+    if op == "TranslateX":
+        return inverse_affine_matrix([0.0, 0.0], 0.0, [float(int(magnitude)), 0.0], 1.0, [0.0, 0.0])
+    if op == "TranslateY":
+        return inverse_affine_matrix([0.0, 0.0], 0.0, [0.0, float(int(magnitude))], 1.0, [0.0, 0.0])
+    if op == "Rotate":
+        return inverse_affine_matrix([0.0, 0.0], -magnitude, [0.0, 0.0], 1.0, [0.0, 0.0])
+    raise ValueError(op)
+
+
+@lru_cache(maxsize=256)
+def _geometric_table(op: str, values: tuple, height: int, width: int) -> list[list[float]]:
+    return [_geometric_matrix(op, v, height, width) for v in values]
+
+
+def geometric(images: torch.Tensor, op: str, mag_idx: torch.Tensor, values: tuple,
+              fill: Optional[float] = None) -> torch.Tensor:
+    """ShearX/Y, TranslateX/Y, Rotate with per-image magnitudes values[mag_idx]; nearest, outside = fill or 0."""
+    _, _, h, w = images.shape
+    table = theta_table(_geometric_table(op, values, h, w), images.device)
+    return warp_nearest(images, table[mag_idx], fill=fill)
+
+
+def _ratios(factor64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ratio, 1 - ratio) as (b, 1, 1, 1) float32, the subtraction done in float64 as Python does."""
+    r = factor64.view(-1, 1, 1, 1)
+    return r.to(torch.float32), (1.0 - r).to(torch.float32)
+
+
+def blend(img1: torch.Tensor, img2: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
+    """torchvision _blend on uint8 with a per-image ratio (b,) float64: ratio*img1 + (1-ratio)*img2, clamp, trunc."""
+    r, q = _ratios(factor64)
+    return (r * img1.to(torch.float32) + q * img2.to(torch.float32)).clamp(0, 255).to(img1.dtype)
+
+
+def rgb_to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (b, 3, H, W) -> uint8 (b, 1, H, W), torchvision's weights and truncation."""
+    r, g, b = images.unbind(dim=-3)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).to(images.dtype).unsqueeze(dim=-3)
+
+
+def brightness(images: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
+    return blend(images, torch.zeros_like(images), factor64)
+
+
+def saturation(images: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
+    return blend(images, rgb_to_grayscale(images), factor64)
+
+
+def contrast(images: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
+    mean = torch.mean(rgb_to_grayscale(images).to(torch.float32), dim=(-3, -2, -1), keepdim=True)
+    return blend(images, mean, factor64)
+
+
+def sharpness(images: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
+    if images.shape[-1] <= 2 or images.shape[-2] <= 2:
+        return images
+    kernel = torch.ones((3, 3), dtype=torch.float32, device=images.device)
+    kernel[1, 1] = 5.0
+    kernel /= kernel.sum()
+    c = images.shape[-3]
+    smooth = F.conv2d(images.to(torch.float32), kernel.expand(c, 1, 3, 3), groups=c)
+    degenerate = images.clone()
+    degenerate[..., 1:-1, 1:-1] = torch.round(smooth).to(images.dtype)
+    return blend(images, degenerate, factor64)
+
+
+def posterize(images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """Keep the top `bits` (b,) bits of each uint8 value."""
+    mask = (256 - (1 << (8 - bits.to(torch.int64)))).to(torch.uint8).view(-1, 1, 1, 1)
+    return images & mask
+
+
+def solarize(images: torch.Tensor, threshold64: torch.Tensor) -> torch.Tensor:
+    t = threshold64.to(torch.float32).view(-1, 1, 1, 1)
+    return torch.where(images >= t, 255 - images, images)
+
+
+def autocontrast(images: torch.Tensor) -> torch.Tensor:
+    minimum = images.amin(dim=(-2, -1), keepdim=True).to(torch.float32)
+    maximum = images.amax(dim=(-2, -1), keepdim=True).to(torch.float32)
+    scale = 255.0 / (maximum - minimum)
+    flat = ~torch.isfinite(scale)
+    minimum = torch.where(flat, torch.zeros_like(minimum), minimum)
+    scale = torch.where(flat, torch.ones_like(scale), scale)
+    return ((images - minimum) * scale).clamp(0, 255).to(images.dtype)
+
+
+def equalize(images: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel histogram equalization with torchvision's integer LUT."""
+    b, c, h, w = images.shape
+    flat = images.reshape(b * c, h * w).to(torch.int64)
+    hist = torch.zeros(b * c, 256, dtype=torch.int64, device=images.device)
+    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    top = hist.gather(1, flat.amax(dim=1, keepdim=True))                      # count of the last nonzero bin
+    step = torch.div(h * w - top, 255, rounding_mode="floor")                 # (b*c, 1)
+    safe = step.clamp(min=1)
+    lut = torch.div(torch.cumsum(hist, 1) + torch.div(step, 2, rounding_mode="floor"), safe, rounding_mode="floor")
+    lut = F.pad(lut, [1, 0])[:, :-1].clamp(0, 255)
+    out = torch.where(step > 0, lut.gather(1, flat), flat)
+    return out.to(torch.uint8).view(b, c, h, w)
+
+
+def invert(images: torch.Tensor) -> torch.Tensor:
+    return 255 - images
+
+
+def apply_op(images: torch.Tensor, op: str, mag_idx: torch.Tensor, num_bins: int,
+             fill: Optional[float] = None) -> torch.Tensor:
+    """One op on a sub-batch uint8 (b, C, H, W) with magnitude indices (b,) into signed_values(...)."""
+    h, w = images.shape[-2:]
+    values = signed_values(num_bins, h, w, op)
+    if op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+        return geometric(images, op, mag_idx, values, fill)
+    mag = torch.tensor(values, dtype=torch.float64, device=images.device)[mag_idx]
+    colour: dict[str, Callable[[], torch.Tensor]] = {
+        "Identity": lambda: images,
+        "Brightness": lambda: brightness(images, 1.0 + mag),
+        "Color": lambda: saturation(images, 1.0 + mag),
+        "Contrast": lambda: contrast(images, 1.0 + mag),
+        "Sharpness": lambda: sharpness(images, 1.0 + mag),
+        "Posterize": lambda: posterize(images, mag.to(torch.int64)),
+        "Solarize": lambda: solarize(images, mag),
+        "AutoContrast": lambda: autocontrast(images),
+        "Equalize": lambda: equalize(images),
+        "Invert": lambda: invert(images),
+    }
+    return colour[op]()
+
+
+def apply_ops(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor, num_bins: int,
+              fill: Optional[float] = None) -> torch.Tensor:
+    """Each image i gets op OP_NAMES[op_ids[i]] at magnitude index mag_idx[i]; one batched call per op kind."""
+    out = images
+    for k, op in enumerate(OP_NAMES):
+        if op == "Identity":
+            continue
+        sel = torch.nonzero(op_ids == k).flatten()
+        if sel.numel() == 0:
+            continue
+        out = out.index_copy(0, sel, apply_op(out.index_select(0, sel), op, mag_idx[sel], num_bins, fill))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- policies
+@lru_cache(maxsize=8)
+def _policy_tables(policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(P, 2) op ids, (P, 2) apply probabilities, (P, 2) bin ids (0 for none), (P, 2) signed flags."""
+    if policy not in POLICIES:
+        raise ValueError(f"auto augment policy must be one of {sorted(POLICIES)}, got {policy!r}")
+    space = augmentation_space(10, 32, 32)
+    rows = POLICIES[policy]
+    ops = torch.tensor([[OP_INDEX[o[0]] for o in r] for r in rows], dtype=torch.int64)
+    probs = torch.tensor([[o[1] for o in r] for r in rows], dtype=torch.float64)
+    bins = torch.tensor([[o[2] if o[2] is not None else 0 for o in r] for r in rows], dtype=torch.int64)
+    signed = torch.tensor([[space[o[0]][1] for o in r] for r in rows], dtype=torch.bool)
+    return ops, probs, bins, signed
+
+
+def auto_augment_params(keys: torch.Tensor, policy: str) -> dict[str, torch.Tensor]:
+    """Per-image draws, torchvision's rule: sub-policy uniform; stage i applies when u_i <= p_i; a signed op is
+    negated when its sign draw is 0. Returns 'policy' (B,), 'op' (B, 2) op ids (0 = Identity when not applied),
+    'mag_idx' (B, 2) indices into signed_values(10, ...), 'applied' (B, 2) bool."""
+    ops, probs, bins, signed = (t.to(keys.device) for t in _policy_tables(policy))
+    pid = randint(keys, SLOT_AA_POLICY, len(POLICIES[policy]))[:, 0]                  # (B,)
+    u = uniform(keys, SLOT_AA_APPLY, 2).to(torch.float64)                             # (B, 2)
+    sign = randint(keys, SLOT_AA_SIGN, 2, n=2)                                        # (B, 2)
+    applied = u <= probs[pid]
+    negative = signed[pid] & (sign == 0)
+    mag_idx = bins[pid] + 10 * negative.to(torch.int64)
+    op = torch.where(applied, ops[pid], torch.zeros_like(ops[pid]))
+    return {"policy": pid, "op": op, "mag_idx": mag_idx, "applied": applied}
+
+
+def auto_augment(images: torch.Tensor, keys: torch.Tensor, policy: str, fill: Optional[float] = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """uint8 (B, C, H, W) -> AutoAugment(policy) applied per image, and the draws (see auto_augment_params)."""
+    p = auto_augment_params(keys, policy)
+    for stage in range(2):
+        images = apply_ops(images, p["op"][:, stage], p["mag_idx"][:, stage], 10, fill)
+    return images, p
+
+
+def rand_augment_params(keys: torch.Tensor, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31
+                        ) -> dict[str, torch.Tensor]:
+    """Per image and step: op uniform over RANDAUGMENT_OPS (14, Identity included), sign negative when the
+    draw is 1 (torchvision). 'op' (B, num_ops) ids into OP_NAMES, 'mag_idx' (B, num_ops)."""
+    table = torch.tensor([OP_INDEX[o] for o in RANDAUGMENT_OPS], dtype=torch.int64, device=keys.device)
+    signed = torch.tensor([augmentation_space(num_bins, 32, 32)[o][1] for o in RANDAUGMENT_OPS],
+                          dtype=torch.bool, device=keys.device)
+    ops, mags = [], []
+    for k in range(num_ops):
+        choice = randint(keys, SLOT_RA + 2 * k, len(RANDAUGMENT_OPS))[:, 0]
+        negative = signed[choice] & (randint(keys, SLOT_RA + 2 * k + 1, 2)[:, 0] == 1)
+        ops.append(table[choice])
+        mag = torch.where(signed[choice] | (table[choice] == OP_INDEX["Posterize"]) |
+                          (table[choice] == OP_INDEX["Solarize"]), magnitude, 0)
+        mags.append(mag + num_bins * negative.to(torch.int64))
+    return {"op": torch.stack(ops, 1), "mag_idx": torch.stack(mags, 1)}
+
+
+def rand_augment(images: torch.Tensor, keys: torch.Tensor, num_ops: int = 2, magnitude: int = 9,
+                 num_bins: int = 31, fill: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """uint8 (B, C, H, W) -> RandAugment(num_ops, magnitude, num_bins) per image, and the draws."""
+    p = rand_augment_params(keys, num_ops, magnitude, num_bins)
+    for k in range(num_ops):
+        images = apply_ops(images, p["op"][:, k], p["mag_idx"][:, k], num_bins, fill)
+    return images, p
