@@ -67,6 +67,9 @@ class DrlocConfig:
     lambda0: float = 0.1               # peak weight; ViT value unstated in the reference, 0.1 is our default
     hidden: int = 512
     stop_at_101: bool = False          # reproduce the reference loop that stops at epoch 101 of a 300-epoch schedule
+                                       # (engine.tasks.drloc.effective_epochs: the loop's epoch count; LR and lambda
+                                       # stay scheduled over optim.epochs)
+    weight_per_step: bool = False      # False = reference: lambda from the integer epoch, constant within an epoch
 
 
 @dataclass
@@ -83,6 +86,7 @@ class PerceptibilityConfig:
     warmup_fraction: float = 0.2       # W = warmup_fraction * E
     lambda_on_scale: bool = False      # 'both': the reference leaves lambda off the scale term; True puts it on
     hidden: int = 384
+    weight_per_step: bool = False      # False = reference: lambda from the integer epoch, constant within an epoch
 
 
 @dataclass
@@ -281,6 +285,13 @@ def validate(cfg: Config) -> None:
         ("tasks.drloc.pairs", cfg.tasks.drloc.pairs >= 1, "must be >= 1"),
         ("tasks.drloc.lambda0", cfg.tasks.drloc.lambda0 >= 0, "must be >= 0"),
         ("tasks.perceptibility.max_shift", 0 < cfg.tasks.perceptibility.max_shift < 1, "must be in (0, 1)"),
+        ("tasks.perceptibility.scale_min", 0 < cfg.tasks.perceptibility.scale_min < cfg.tasks.perceptibility.scale_max,
+         "must be > 0 and < tasks.perceptibility.scale_max"),
+        ("tasks.perceptibility.alpha", cfg.tasks.perceptibility.alpha >= 0, "must be >= 0"),
+        ("tasks.perceptibility.init_weight", cfg.tasks.perceptibility.init_weight >= 0, "must be >= 0"),
+        ("tasks.perceptibility.warmup_fraction", 0 < cfg.tasks.perceptibility.warmup_fraction < 1, "must be in (0, 1)"),
+        ("tasks.perceptibility.hidden", cfg.tasks.perceptibility.hidden >= 1, "must be >= 1"),
+        ("tasks.drloc.hidden", cfg.tasks.drloc.hidden >= 1, "must be >= 1"),
         ("optim.epochs", cfg.optim.epochs >= 1, "must be >= 1"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, "must be in [0, optim.lr]"),

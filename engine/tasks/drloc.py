@@ -1,10 +1,15 @@
 """Dense relative localization (METHODS.md C): predict the grid offset between two sampled patch tokens.
 
-targets: pairs of positions per image and their offsets (B, m, 2) in grid cells.
+targets: per image m positions p_i and, independently, m positions p_j, uniform over the k x k grid with
+         replacement; offsets (B, m, 2) (rows, cols) in grid cells: |Δ| (use_abs) or Δ + (k-1).
 head:    Linear(2C,512) ReLU Linear(512,512) ReLU Linear(512,2)   (l1)
          Linear(2C,512) ReLU Linear(512,512), then Linear(512,n) for rows and for cols   (ce, cbr)
-loss:    l1 / ce / cbr from kernels.drloc_reference (or its Triton twin through the dispatcher).
-weight:  lambda(e) = lambda0*e/20 for e <= 20, then lambda0*(1 - (e-20)/(E-20)).
+loss:    l1 / ce / cbr from kernels.drloc_reference (the Triton twin is tested against it).
+weight:  lambda(e) = lambda0*e/20 for e <= 20, then lambda0*(1 - (e-20)/(E-20)), E = optim.epochs; e is the
+         integer epoch unless tasks.drloc.weight_per_step.
+compute: returns lambda(e) * mean over the passes it is given of L_drloc(pass) -- one pass normally, the clean and
+         the transformed pass when translation perceptibility runs too (METHODS.md: drloc applies to both).
+The loop's length: `effective_epochs(cfg)` (the reference's stop at epoch 101 of a 300-epoch schedule).
 """
 from __future__ import annotations
 
@@ -12,18 +17,31 @@ import torch
 from torch import nn
 
 from engine.models import ModelOutput
-from engine.tasks.base import AuxTask, TaskOutput
+from engine.tasks.base import AuxTask, TaskOutput, schedule_epoch
 from kernels import drloc_reference as ref
 from loaders.batch import Batch
 
+RAMP_EPOCHS = 20
+REFERENCE_STOP_EPOCH = 101   # C's loop ends after epoch index 100 although LR and lambda are scheduled for 300
 
-def drloc_weight(epoch: float, lambda0: float, total_epochs: int, ramp_epochs: int = 20) -> float:
+
+def drloc_weight(epoch: float, lambda0: float, total_epochs: int, ramp_epochs: int = RAMP_EPOCHS) -> float:
     """lambda(e): linear ramp to lambda0 over the first 20 epochs, then linear decay to 0 at the last epoch."""
     if epoch <= ramp_epochs:
         return lambda0 * epoch / ramp_epochs
     if total_epochs <= ramp_epochs:
         return lambda0
     return max(0.0, lambda0 * (1.0 - (epoch - ramp_epochs) / (total_epochs - ramp_epochs)))
+
+
+def effective_epochs(cfg) -> int:
+    """How many epochs the training loop runs for `cfg` (a Config): optim.epochs, or at most 101 with
+    tasks.drloc.stop_at_101 (the reference loop), whether or not drloc itself is enabled -- the reference's
+    baseline runs stop there too. The LR schedule and lambda(e) keep optim.epochs as their horizon."""
+    epochs = cfg.optim.epochs
+    if cfg.tasks.drloc.stop_at_101:
+        return min(epochs, REFERENCE_STOP_EPOCH)
+    return epochs
 
 
 class DrlocHead(nn.Module):
@@ -63,10 +81,12 @@ class DrlocTask(AuxTask):
         self.head = DrlocHead(embed_dim, grid, cfg.mode, cfg.use_abs, cfg.hidden)
 
     def weight(self, epoch: float) -> float:
-        return drloc_weight(epoch, self.cfg.lambda0, self.total_epochs)
+        return drloc_weight(schedule_epoch(epoch, self.cfg.weight_per_step), self.cfg.lambda0, self.total_epochs)
 
     def targets(self, out: ModelOutput, generator: torch.Generator | None = None):
         """-> (p_i, p_j) (B, m) flat positions and offsets (B, m, 2) int64."""
+        if out.grid != self.grid:
+            raise ValueError(f"drloc head built for a {self.grid}x{self.grid} grid, the model gave {out.grid}")
         b = out.tokens.shape[0]
         p_i, p_j = ref.sample_pair_positions(b, out.grid, self.cfg.pairs, generator, out.tokens.device)
         return p_i, p_j, ref.pair_offset_targets(p_i, p_j, out.grid, self.cfg.use_abs)
@@ -78,14 +98,17 @@ class DrlocTask(AuxTask):
             return ref.ce_loss(pred[0], pred[1], target)
         return ref.cbr_loss(pred[0], pred[1], target)
 
+    def pass_loss(self, out: ModelOutput, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Unweighted L_drloc of one pass: scalar."""
+        p_i, p_j, target = self.targets(out, generator)
+        pred = self.head(ref.gather_pairs(out.patch_tokens, p_i, p_j))
+        return self.loss(pred, target)
+
     def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float,
                 generator: torch.Generator | None = None) -> TaskOutput:
-        """drloc on every pass (METHODS.md: with translation perceptibility it applies to both), averaged."""
-        raws = []
-        for out in outputs:
-            p_i, p_j, target = self.targets(out, generator)
-            pred = self.head(ref.gather_pairs(out.patch_tokens, p_i, p_j))
-            raws.append(self.loss(pred, target))
-        raw = torch.stack(raws).mean()
+        """loss = lambda(e) * mean over passes of L_drloc(pass); raw = that mean; metrics: per-pass losses."""
+        per_pass = [self.pass_loss(out, generator) for out in outputs]
+        raw = torch.stack(per_pass).mean()
         w = self.weight(epoch)
-        return TaskOutput(loss=w * raw, raw=raw.detach(), weight=w)
+        metrics = {f"pass{i}": loss.detach() for i, loss in enumerate(per_pass)} if len(per_pass) > 1 else {}
+        return TaskOutput(loss=w * raw, raw=raw.detach(), weight=w, metrics=metrics)

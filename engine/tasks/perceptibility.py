@@ -1,0 +1,142 @@
+"""Translation / scale perceptibility (METHODS.md A): from the clean and the transformed pass, predict where the
+transformed image was moved (and/or how much it was scaled).
+
+views:   [batch.transformed] -- T(x), made on the device after every other augmentation by
+         loaders/transforms/perceptibility.py, which also records the grid indices in batch.params.
+targets: each drawn value min-max normalized over its 10-value grid: idx / 9 in {0, 1/9, ..., 1}.
+         translate (B, 2) from params['translate_idx'] (dx, dy); scale (B, 1) from params['scale_idx'].
+features: mean over tokens of ModelOutput.perception_tokens (ViT/CaiT: all tokens incl. CLS of the last block
+         before the final norm; Swin: the final-normed last stage), for the clean and the transformed pass.
+head:    concat(mean(x), mean(Tx)) (B, 2D) -> LayerNorm(2D) -> Linear(2D, 384) -> GELU -> Linear(384, 2).
+         One head per quantity; the scale head also has 2 outputs, compared with its (B, 1) target by
+         broadcasting (as the reference's L1Loss does), i.e. both outputs regress s.
+weight:  lambda(e) with peak init_weight, W = warmup_fraction * E: 0 if e > 0.9 E; init*e/W (capped) if e <= W;
+         else init*(1 - (e-W)/(E-W)). e is the integer epoch unless tasks.perceptibility.weight_per_step.
+
+compute() returns only this task's part of the loss (the class CE on the clean pass stays in the loop):
+    translate: 1/2 * [alpha * CE(f(Tx)) + lambda(e) * L1_translate]
+    scale:     1/2 * [alpha * CE(f(Tx)) + lambda(e) * L1_scale]
+    both:      1/3 * [alpha * CE(f(Tx)) + L1_scale + lambda(e) * L1_translate]     (reference: no lambda on the
+               scale term; lambda_on_scale=True puts lambda(e) on it too)
+CE(f(Tx)) is the class loss on the transformed pass, label smoothing (optim.label_smoothing) and the batch's mixed
+labels when mixup/cutmix ran (engine.tasks.base.class_ce). L1 = mean absolute error over the batch and outputs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.models import ModelOutput
+from engine.tasks.base import AuxTask, TaskOutput, class_ce, schedule_epoch
+from loaders.batch import Batch
+
+GRID_STEPS = 10          # values per grid (linspace(-m, m, 10), linspace(s_min, s_max, 10))
+CUTOFF_FRACTION = 0.9    # lambda(e) = 0 in the last 10% of the schedule
+
+
+def perceptibility_weight(epoch: float, init_weight: float, total_epochs: int, warmup_fraction: float = 0.2) -> float:
+    """lambda(e): 0 past 0.9 E; linear ramp to init_weight over W = warmup_fraction * E; then linear decay."""
+    warmup = warmup_fraction * total_epochs
+    if epoch > CUTOFF_FRACTION * total_epochs:
+        return 0.0
+    if epoch <= warmup:
+        return min(init_weight * epoch / warmup, init_weight)
+    return init_weight * (1.0 - (epoch - warmup) / (total_epochs - warmup))
+
+
+def grid_targets(index: torch.Tensor) -> torch.Tensor:
+    """Grid indices 0..9 (any shape, int) -> min-max normalized targets idx / 9 (float32, same shape)."""
+    return index.to(torch.float32) / (GRID_STEPS - 1)
+
+
+class PerceptibilityHead(nn.Module):
+    """(B, 2D) -> (B, 2): LayerNorm(2D) -> Linear(2D, hidden) -> GELU -> Linear(hidden, 2)."""
+
+    def __init__(self, in_dim: int, hidden: int = 384, out_dim: int = 2):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(latent))))
+
+
+class PerceptibilityTask(AuxTask):
+    name = "perceptibility"
+
+    def __init__(self, cfg, embed_dim: int, total_epochs: int, label_smoothing: float = 0.1):
+        super().__init__()
+        self.cfg = cfg
+        self.kind = cfg.kind
+        self.total_epochs = total_epochs
+        self.label_smoothing = label_smoothing
+        self.translate_head = PerceptibilityHead(2 * embed_dim, cfg.hidden) if cfg.kind != "scale" else None
+        self.scale_head = PerceptibilityHead(2 * embed_dim, cfg.hidden) if cfg.kind != "translate" else None
+
+    # ---------------------------------------------------------------------------------------------- parts
+    def extra_views(self, batch: Batch) -> list[torch.Tensor]:
+        if batch.transformed is None:
+            raise ValueError("tasks.perceptibility is enabled but the batch has no 'transformed' images: the "
+                             "loader's perceptibility transform (loaders/transforms/perceptibility.py) did not run")
+        return [batch.transformed]
+
+    def weight(self, epoch: float) -> float:
+        e = schedule_epoch(epoch, self.cfg.weight_per_step)
+        return perceptibility_weight(e, self.cfg.init_weight, self.total_epochs, self.cfg.warmup_fraction)
+
+    def targets(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{'translate': (B, 2), 'scale': (B, 1)} float32 in [0, 1], the keys this kind needs."""
+        out = {}
+        for key, head in (("translate", self.translate_head), ("scale", self.scale_head)):
+            if head is None:
+                continue
+            idx = batch.params.get(f"{key}_idx")
+            if idx is None:
+                raise ValueError(f"tasks.perceptibility.kind={self.kind!r} needs batch.params['{key}_idx'] "
+                                 f"(loaders/transforms/perceptibility.py records it)")
+            out[key] = grid_targets(idx)
+        return out
+
+    @staticmethod
+    def latent(clean: ModelOutput, moved: ModelOutput) -> torch.Tensor:
+        """(B, 2D): concat(mean over tokens of the clean pass, of the transformed pass)."""
+        return torch.cat([clean.perception_tokens.mean(dim=1), moved.perception_tokens.mean(dim=1)], dim=1)
+
+    def predict(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{'translate': (B, 2), 'scale': (B, 2)} head outputs."""
+        out = {}
+        if self.translate_head is not None:
+            out["translate"] = self.translate_head(latent)
+        if self.scale_head is not None:
+            out["scale"] = self.scale_head(latent)
+        return out
+
+    def combine(self, ce_transformed: torch.Tensor, l1: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+        """The METHODS.md A combination (see the module docstring) of the three terms."""
+        alpha = self.cfg.alpha
+        if self.kind == "translate":
+            return (alpha * ce_transformed + lam * l1["translate"]) / 2
+        if self.kind == "scale":
+            return (alpha * ce_transformed + lam * l1["scale"]) / 2
+        scale_weight = lam if self.cfg.lambda_on_scale else 1.0
+        return (alpha * ce_transformed + scale_weight * l1["scale"] + lam * l1["translate"]) / 3
+
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float,
+                generator: torch.Generator | None = None) -> TaskOutput:
+        """outputs[0]: the pass on batch.images; outputs[1]: the pass on batch.transformed.
+        loss: the combination above; raw: the unweighted regression loss (sum of the L1 terms);
+        metrics: ce_transformed, l1_translate / l1_scale."""
+        if len(outputs) < 2:
+            raise ValueError("tasks.perceptibility needs the pass on batch.transformed as outputs[1]")
+        clean, moved = outputs[0], outputs[1]
+        targets = self.targets(batch)
+        preds = self.predict(self.latent(clean, moved))
+        l1 = {key: (preds[key].float() - targets[key]).abs().mean() for key in targets}
+        ce = class_ce(moved.logits, batch.labels, batch.soft_labels, self.label_smoothing)
+        lam = self.weight(epoch)
+        loss = self.combine(ce, l1, lam)
+        raw = torch.stack(list(l1.values())).sum()
+        metrics = {"ce_transformed": ce.detach(), **{f"l1_{k}": v.detach() for k, v in l1.items()}}
+        return TaskOutput(loss=loss, raw=raw.detach(), weight=lam, metrics=metrics)
