@@ -48,8 +48,13 @@ def preflight(data) -> dict:
 
 
 def build_loader(data, train: bool, seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
-                 dtype: torch.dtype = torch.float32, channels_last: bool = False):
-    """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict)."""
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False, *, label_smoothing: float = 0.1,
+                 perceptibility=None):
+    """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict).
+
+    label_smoothing (optim.label_smoothing) is folded into the soft labels when mixup/cutmix is on;
+    perceptibility (tasks.perceptibility, read by attribute) makes training batches carry T(x) and its targets.
+    """
     path = data.train if train else data.test
     if not path:
         raise DatasetFileError(f"data.{'train' if train else 'test'}: no dataset path given")
@@ -61,7 +66,9 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
     plan = EpochPlan(num_samples=meta["num_images"], global_batch=global_batch, seed=seed,
                      repeats=data.repeats if train else 1, shuffle=train, drop_last=data.drop_last if train else False)
     if train:
-        transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last)
+        transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last,
+                                   num_classes=meta["num_classes"], label_smoothing=label_smoothing,
+                                   perceptibility=perceptibility)
     else:
         transform = EvalTransform(meta["mean"], meta["std"], dtype, channels_last)
     kind = data.loader
@@ -81,6 +88,14 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
         from loaders.ffcv_loader import FFCVLoader
 
         loader = FFCVLoader(path, plan, transform, device, rank, world_size, data.num_workers, data.os_cache)
+    elif kind == "dali":
+        from loaders.dali_loader import DALILoader
+
+        loader = DALILoader(path, plan, transform, device, rank, world_size, data.num_workers, data.image_size)
+    elif kind == "torchvision":
+        from loaders.torchvision_loader import TorchvisionLoader
+
+        loader = TorchvisionLoader(path, plan, transform, device, rank, world_size, data.num_workers)
     else:
-        raise NotImplementedError(f"data.loader={kind}: not built yet")
+        raise ValueError(f"data.loader: unknown loader {kind!r}")
     return loader, meta

@@ -1,16 +1,64 @@
 """The batched augmentation pipeline run on the training device after decoding: uint8 in, `Batch` out.
 
-The loaders call `TrainTransform(images, labels, index, epoch)` on each decoded batch; every random draw comes from
-counter-based keys (seed, epoch, sample index, view), so results do not depend on batching, workers or resume.
-`data` is the run's data config (read by attribute: crop_padding, flip, ...); loaders never import engine.
+The loaders call `TrainTransform(images, labels, index, epoch, repeat=None)` on each decoded batch; every random
+draw comes from counter-based keys (seed, epoch, sample index, repeat), so results do not depend on batching,
+workers or resume. `data` is the run's data config (read by attribute: crop_padding, flip, ...); loaders never
+import engine.
+
+The training recipe, in the reference repos' order (SPT_LSA_ViT/main.py: flip, crop, AutoAugment, ToTensor,
+Normalize, RandomErasing per image in the DataLoader; then Mixup/CutMix on the batch; then the translation
+policy on the mixed batch):
+    uint8:  pad-crop (slots 0-1) -> flip (slot 2) -> AutoAugment / RandAugment (slots 8-12 / 16-23)
+    float:  normalize -> random erasing (slots 64-464) -> Mixup/CutMix (batch key) -> perceptibility T (200-202)
+            -> cast to the model dtype / memory format -> Batch
+Crop and flip commute in distribution with each other, so their order among themselves does not matter; erasing
+comes before mixing as in the reference (erasing after mixing would erase both mixed images' content at once).
+DINO multi-crop views (optional) are cut from the decoded uint8 images before any of the above, into Batch.crops.
+
+Repeated augmentation: an epoch of the plan holds each sample `repeats` times; the loader passes each sample's
+repeat number (0..repeats-1) and it is hashed into the keys, so every repeat draws fresh augmentation. Repeat 0
+keeps the plain (seed, epoch, index) keys.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import torch
 
 from loaders.batch import Batch
+from loaders.transforms.autoaugment import auto_augment, rand_augment
 from loaders.transforms.basic import normalize, random_crop, random_flip
-from loaders.transforms.rng import sample_keys
+from loaders.transforms.erasing import random_erase
+from loaders.transforms.mixing import mix_batch
+from loaders.transforms.perceptibility import translate_scale
+from loaders.transforms.rng import hash32, sample_keys
+
+MIX_VIEW = 0x4D4958          # the batch key's view: separate from every per-sample stream
+
+
+def repeat_keys(keys: torch.Tensor, repeat: Optional[torch.Tensor]) -> torch.Tensor:
+    """Fold the repeat number (B,) into the keys; repeat 0 (or None) leaves them unchanged."""
+    if repeat is None:
+        return keys
+    repeat = repeat.to(keys.device, torch.int64)
+    return torch.where(repeat == 0, keys, hash32(keys ^ hash32(repeat * 0x27D4EB2F + 0x165667B1)))
+
+
+def plan_repeats(plan, rank: int, world_size: int, start_step: int = 0) -> np.ndarray:
+    """The repeat number (0..repeats-1) of every sample loaders.order.EpochPlan.rank_order(...) returns, in the
+    same order: position p of the epoch's concatenated permutations belongs to repeat p // N."""
+    positions = np.arange(plan.num_samples * plan.repeats, dtype=np.int64)
+    if plan.drop_last:
+        positions = positions[: plan.steps() * plan.global_batch]
+    g = plan.global_batch
+    chunks = []
+    for t in range(start_step, plan.steps()):
+        step = positions[t * g:(t + 1) * g]
+        share = -(-len(step) // world_size)
+        chunks.append(step[rank * share:(rank + 1) * share])
+    pos = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    return pos // plan.num_samples
 
 
 class EvalTransform:
@@ -22,34 +70,113 @@ class EvalTransform:
         self.dtype = dtype
         self.channels_last = channels_last
 
+    def _stats_on(self, device: torch.device) -> None:
+        if self.mean.device != device:
+            self.mean, self.std = self.mean.to(device), self.std.to(device)
+
     def to_model(self, images: torch.Tensor) -> torch.Tensor:
-        if self.mean.device != images.device:
-            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-        x = normalize(images, self.mean, self.std, self.dtype)
+        self._stats_on(images.device)
+        return self.layout(normalize(images, self.mean, self.std, self.dtype))
+
+    def layout(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int = 0) -> Batch:
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int = 0,
+                 repeat: Optional[torch.Tensor] = None) -> Batch:
         return Batch(images=self.to_model(images), labels=labels.to(torch.int64), index=index)
 
 
 class TrainTransform(EvalTransform):
-    """pad-crop and flip on uint8, then normalize (the parts of the recipe built so far)."""
+    """The training recipe, batched (see the module docstring for the order).
 
-    def __init__(self, data, mean, std, seed: int, dtype: torch.dtype = torch.float32, channels_last: bool = False):
+    data: the data config (attributes crop_padding, flip, auto_augment, rand_augment_ops, rand_augment_magnitude,
+          mixup_alpha, cutmix_alpha, mix_prob, erasing_prob, erasing_fill, multicrop, ...; missing optional
+          attributes take their defaults).
+    mean, std: (3,) dataset statistics, fractions of 255 (the sidecar's).
+    seed: run seed (keys are (seed, epoch, index, repeat)).
+    num_classes: needed when mixing is on (soft labels (B, num_classes)).
+    label_smoothing: folded into the soft labels when mixing is on (the engine's optim.label_smoothing).
+    perceptibility: the tasks.perceptibility config (attributes enabled, kind, max_shift, scale_min, scale_max,
+          fill) or None; when enabled, Batch.transformed = T(images) and Batch.params holds its targets.
+    """
+
+    def __init__(self, data, mean, std, seed: int, dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 num_classes: int = 0, label_smoothing: float = 0.1, perceptibility=None):
         super().__init__(mean, std, dtype, channels_last)
         self.data = data
         self.seed = seed
-        unsupported = [name for name, on in [
-            ("data.auto_augment", data.auto_augment != "none"), ("data.mixup_alpha", data.mixup_alpha > 0),
-            ("data.cutmix_alpha", data.cutmix_alpha > 0), ("data.erasing_prob", data.erasing_prob > 0)] if on]
-        if unsupported:
-            raise NotImplementedError(f"{', '.join(unsupported)}: not built yet in the GPU augmentation suite")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.perceptibility = perceptibility if perceptibility is not None and perceptibility.enabled else None
+        self.mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
+        if self.mixing and num_classes <= 0:
+            raise ValueError("data.mixup_alpha/cutmix_alpha: mixing needs the number of classes (soft labels)")
+        if data.auto_augment not in ("none", "rand", "cifar10", "svhn", "imagenet"):
+            raise ValueError(f"data.auto_augment: unknown policy {data.auto_augment!r}")
+        self.multicrop = None
+        if getattr(data, "multicrop", False):
+            from loaders.transforms.multicrop import MultiCrop
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int = 0) -> Batch:
-        keys = sample_keys(self.seed, epoch, index)
+            self.multicrop = MultiCrop.from_config(data)
+
+    def keys(self, index: torch.Tensor, epoch: int, repeat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,) per-sample keys for `index` (B,) at `epoch`, each repeat of a sample with its own stream."""
+        return repeat_keys(sample_keys(self.seed, epoch, index), repeat)
+
+    def batch_key(self, index: torch.Tensor, epoch: int, repeat: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(1,) key of the whole batch (mixing), from its first sample: the plan fixes which sample that is."""
+        key = sample_keys(self.seed, epoch, index[:1], view=MIX_VIEW)
+        return repeat_keys(key, None if repeat is None else repeat[:1])
+
+    def augment_uint8(self, images: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The per-image uint8 stage: pad-crop, flip, AutoAugment/RandAugment, batched."""
         params: dict[str, torch.Tensor] = {}
-        if self.data.crop_padding:
-            images, params["crop"] = random_crop(images, keys, self.data.crop_padding, slot=0)
-        if self.data.flip:
+        d = self.data
+        if d.crop_padding:
+            images, params["crop"] = random_crop(images, keys, d.crop_padding, slot=0)
+        if d.flip:
             images, params["flip"] = random_flip(images, keys, slot=2)
-        return Batch(images=self.to_model(images), labels=labels.to(torch.int64), index=index, params=params)
+        if d.auto_augment == "rand":
+            images, aa = rand_augment(images, keys, getattr(d, "rand_augment_ops", 2),
+                                      getattr(d, "rand_augment_magnitude", 9))
+            params["augment_op"] = aa["op"]
+        elif d.auto_augment != "none":
+            images, aa = auto_augment(images, keys, d.auto_augment)
+            params["augment_op"] = aa["op"]
+        return images, params
+
+    def finish(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
+               batch_key: torch.Tensor, params: dict, crops: Optional[list] = None) -> Batch:
+        """The batch stage on augmented uint8 images: normalize, erase, mix, perceptibility, layout."""
+        d = self.data
+        self._stats_on(images.device)
+        labels = labels.to(torch.int64)
+        x = normalize(images, self.mean, self.std, torch.float32)
+        if d.erasing_prob > 0:
+            x, params["erase"] = random_erase(x, keys, d.erasing_prob, getattr(d, "erasing_fill", "reference"),
+                                              self.mean)
+        soft = None
+        if self.mixing:
+            x, soft, mix = mix_batch(x, labels, batch_key, self.num_classes, d.mixup_alpha, d.cutmix_alpha,
+                                     d.mix_prob, 0.5, self.label_smoothing)
+            params.update(mix)
+        transformed = None
+        if self.perceptibility is not None:
+            p = self.perceptibility
+            transformed, tparams = translate_scale(x, keys, p.kind, p.max_shift, p.scale_min, p.scale_max, p.fill)
+            params.update(tparams)
+            transformed = self.layout(transformed)
+        return Batch(images=self.layout(x), labels=labels, index=index, soft_labels=soft, params=params,
+                     transformed=transformed, crops=crops)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int = 0,
+                 repeat: Optional[torch.Tensor] = None) -> Batch:
+        keys = self.keys(index, epoch, repeat)
+        crops = None
+        if self.multicrop is not None:
+            self._stats_on(images.device)
+            crops = [self.layout(normalize(v, self.mean, self.std, torch.float32))
+                     for v in self.multicrop(images, self.seed, epoch, index, repeat)]
+        images, params = self.augment_uint8(images, keys)
+        return self.finish(images, labels, index, keys, self.batch_key(index, epoch, repeat), params, crops)

@@ -1,0 +1,163 @@
+"""The reference repos' data path: a torch DataLoader with worker processes running per-image torchvision
+transforms, kept as the baseline for bench/ and as the per-image reference for the batched suite.
+
+Source: a .beton (decoded once into arrays, like the reference's in-memory CIFAR) or an ImageFolder directory
+(PIL decode per image in the workers, like torchvision.datasets.ImageFolder). Each worker applies the uint8 stage
+image by image with torchvision.transforms.functional (pad + crop, hflip, AutoAugment/RandAugment via
+torchvision's own `_apply_op`), with parameters drawn from the same counter-based keys as the batched suite, so
+for a given seed this loader yields the same batches as the resident/ffcv loaders (tests check it) and the same
+batches whatever the worker count. The batch stage (normalize, erasing, mixing, perceptibility) runs in the main
+process through the TrainTransform's `finish`, as the reference runs mixing on the batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from loaders.batch import Batch
+from loaders.order import EpochPlan
+from loaders.sidecar import DatasetFileError
+from loaders.transforms.pipeline import EvalTransform, TrainTransform, plan_repeats
+
+
+def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
+    """The uint8 stage for one image (3, H, W) with torchvision.transforms.functional, key () int64."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.autoaugment import _apply_op
+
+    from loaders.transforms.autoaugment import OP_NAMES, auto_augment_params, rand_augment_params, signed_values
+    from loaders.transforms.rng import randint, uniform
+
+    keys = key.view(1)
+    h, w = image.shape[-2:]
+    if data.crop_padding:
+        top, left = randint(keys, 0, 2 * data.crop_padding + 1, n=2)[0].tolist()
+        image = TF.crop(TF.pad(image, [data.crop_padding], fill=0), top, left, h, w)
+    if data.flip and float(uniform(keys, 2)[0, 0]) < 0.5:
+        image = TF.hflip(image)
+    if data.auto_augment != "none":
+        if data.auto_augment == "rand":
+            p = rand_augment_params(keys, data.rand_augment_ops, data.rand_augment_magnitude)
+            bins = 31
+        else:
+            p = auto_augment_params(keys, data.auto_augment)
+            bins = 10
+        for stage in range(p["op"].shape[1]):
+            name = OP_NAMES[int(p["op"][0, stage])]
+            value = signed_values(bins, h, w, name)[int(p["mag_idx"][0, stage])]
+            image = _apply_op(image, name, value, InterpolationMode.NEAREST, None)
+    return image
+
+
+class _Samples(Dataset):
+    """Item (index, repeat) -> (uint8 (3, H, W) augmented, label, index, repeat)."""
+
+    def __init__(self, images: Optional[np.ndarray], labels: np.ndarray, files: Optional[list[str]],
+                 transform, epoch: int):
+        self.images, self.labels, self.files = images, labels, files
+        self.transform, self.epoch = transform, epoch
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _load(self, i: int) -> torch.Tensor:
+        if self.images is not None:
+            return torch.from_numpy(np.ascontiguousarray(self.images[i]))
+        from PIL import Image
+
+        with Image.open(self.files[i]) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, item):
+        i, repeat = item
+        image = self._load(i)
+        if isinstance(self.transform, TrainTransform):
+            key = self.transform.keys(torch.tensor([i]), self.epoch, torch.tensor([repeat]))[0]
+            image = augment_one(image, key, self.transform.data)
+        return image, int(self.labels[i]), i, repeat
+
+
+class _PlanBatches:
+    """Batch sampler: the rank's share of the plan as lists of (index, repeat)."""
+
+    def __init__(self, order: np.ndarray, repeats: np.ndarray, per: int):
+        self.order, self.repeats, self.per = order, repeats, per
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.per)
+
+    def __iter__(self):
+        for s in range(0, len(self.order), self.per):
+            yield list(zip(self.order[s:s + self.per].tolist(), self.repeats[s:s + self.per].tolist()))
+
+
+def _collate(items):
+    images = torch.stack([it[0] for it in items])
+    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    index = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    repeat = torch.tensor([it[3] for it in items], dtype=torch.int64)
+    return images, labels, index, repeat
+
+
+def image_folder_files(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """torchvision ImageFolder's listing: (files, labels, classes), classes sorted, files sorted per class."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    root = Path(root)
+    classes = sorted(e.name for e in root.iterdir() if e.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise DatasetFileError(f"{root}: not an ImageFolder tree (no class folders)")
+    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+    return [s[0] for s in samples], np.array([s[1] for s in samples], dtype=np.int64), classes
+
+
+class TorchvisionLoader:
+    """Yields `Batch`es for one rank from a torch DataLoader with `num_workers` worker processes."""
+
+    def __init__(self, source: str | Path, plan: EpochPlan, transform, device: torch.device, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 2):
+        source = Path(source)
+        self.images: Optional[np.ndarray] = None
+        self.files: Optional[list[str]] = None
+        if source.is_dir():
+            self.files, self.labels, _ = image_folder_files(source)
+        else:
+            from loaders.ffcv_loader import read_all
+
+            images, labels = read_all(source)
+            self.images, self.labels = images.numpy(), labels.numpy()
+        if len(self.labels) != plan.num_samples:
+            raise DatasetFileError(f"{source}: holds {len(self.labels)} samples, the plan expects {plan.num_samples}")
+        if getattr(transform, "multicrop", None) is not None:
+            raise NotImplementedError("data.multicrop: the torchvision baseline loader does not cut multi-crop "
+                                      "views; use the resident, ffcv or dali loader")
+        self.plan, self.transform, self.device = plan, transform, device
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+
+    def __len__(self) -> int:
+        return self.plan.steps()
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
+        repeats = plan_repeats(self.plan, self.rank, self.world_size, start_step)
+        dataset = _Samples(self.images, self.labels, self.files, self.transform, epoch)
+        loader = DataLoader(dataset, batch_sampler=_PlanBatches(order, repeats, self.plan.per_rank_batch(
+            self.world_size)), num_workers=self.num_workers, collate_fn=_collate,
+            pin_memory=self.device.type == "cuda")
+        for images, labels, index, repeat in loader:
+            images = images.to(self.device, non_blocking=True)
+            labels, index = labels.to(self.device), index.to(self.device)
+            t = self.transform
+            if isinstance(t, TrainTransform):
+                repeat = repeat.to(self.device)
+                keys = t.keys(index, epoch, repeat)
+                yield t.finish(images, labels, index, keys, t.batch_key(index, epoch, repeat), {})
+            elif isinstance(t, EvalTransform):
+                yield t(images, labels, index, epoch)
+            else:
+                yield t(images, labels, index, epoch)
