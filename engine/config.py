@@ -46,6 +46,16 @@ class DataConfig:
     cutmix_alpha: float = 0.0          # CutMix Beta(alpha, alpha); 0 disables
     mix_prob: float = 0.5              # probability that a batch is mixed at all (one of the two, chosen 50/50)
     erasing_prob: float = 0.0          # random erasing probability per image, after normalization
+    # erasing fill: 'reference' = the dataset mean as fractions of 255 written into the normalized image (what the
+    # reference repos do), 'const' = 0.0 (the mean after normalization, timm mode='const'), 'pixel' = N(0, 1) noise
+    erasing_fill: Literal["reference", "const", "pixel"] = "reference"
+    rand_augment_ops: int = 2          # auto_augment=rand: ops per image (torchvision RandAugment num_ops)
+    rand_augment_magnitude: int = 9    # auto_augment=rand: magnitude bin 0..30 (torchvision, 31 bins)
+    # DINO multi-crop views (METHODS.md B) into Batch.crops: 2 global at full size + `local_crops` at half size
+    multicrop: bool = False
+    local_crops: int = 8
+    global_crop_scale: tuple = (0.7, 1.0)  # RandomResizedCrop area fractions; (0.5, 1.0) for Tiny-ImageNet
+    local_crop_scale: tuple = (0.2, 0.5)   # (0.2, 0.4) for Tiny-ImageNet
 
 
 @dataclass
@@ -280,6 +290,13 @@ def validate(cfg: Config) -> None:
         ("data.resident_max_fraction", 0 < cfg.data.resident_max_fraction <= 1, "must be in (0, 1]"),
         ("data.mix_prob", 0 <= cfg.data.mix_prob <= 1, "must be in [0, 1]"),
         ("data.erasing_prob", 0 <= cfg.data.erasing_prob <= 1, "must be in [0, 1]"),
+        ("data.rand_augment_ops", cfg.data.rand_augment_ops >= 1, "must be >= 1"),
+        ("data.rand_augment_magnitude", 0 <= cfg.data.rand_augment_magnitude <= 30, "must be in 0..30"),
+        ("data.local_crops", cfg.data.local_crops >= 0, "must be >= 0"),
+        ("data.global_crop_scale", len(cfg.data.global_crop_scale) == 2
+         and 0 < cfg.data.global_crop_scale[0] <= cfg.data.global_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
+        ("data.local_crop_scale", len(cfg.data.local_crop_scale) == 2
+         and 0 < cfg.data.local_crop_scale[0] <= cfg.data.local_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
         ("model.num_classes", cfg.model.num_classes >= 0, "must be >= 0"),
         ("model.drop_path", 0 <= cfg.model.drop_path < 1, "must be in [0, 1)"),
         ("tasks.drloc.pairs", cfg.tasks.drloc.pairs >= 1, "must be >= 1"),
