@@ -7,23 +7,38 @@ A source is any object with
     name: str                              # dataset name recorded in the sidecar ('cifar10', ...)
     split: str                             # 'train' / 'test' / ...
     source_checksum() -> str               # sha256 of what it read (files or arrays)
-and optionally `images` (N, H, W, 3) uint8 ndarray and `labels` (N,) when the whole split is in memory, which makes
-the statistics pass vectorized.
+and optionally
+    labels: (N,) int array                 # all labels, known without decoding: checked before anything is written
+    locate(i) -> str                       # where sample i comes from ('x.tar.gz:train/cat/0001.jpg'), for errors
+    origin: str                            # the file or folder the split was read from
+    source_info: dict                      # extra facts recorded under the sidecar's "source" key
+
+Statistics (per-channel mean/std, class histogram, image sizes) are accumulated by the FFCV worker processes from
+the very pixels they store (after any --max-resolution resize), as exact integer sums, so a file-backed source is
+decoded once and the result does not depend on the number of workers or the chunking.
 
 Nothing is ever half-written at the final path: the .beton goes to a hidden temporary file in the same folder and
 is renamed only after FFCV finished and the sidecar was computed; any exception (Ctrl-C included) removes it.
+`stage_beton` + `StagedBeton.commit()` let a caller write several splits and rename them only when all succeeded.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
+import queue
+import signal
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import numpy as np
 
 from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, sidecar_path, write_json_atomic
+
+# FFCV keeps one page per worker in memory and a sample must fit in a page: 8 MiB holds a raw 1670x1670 image.
+PAGE_SIZE = 1 << 23
 
 
 class ImageSource(Protocol):
@@ -40,17 +55,69 @@ class ImageSource(Protocol):
 class WriteOptions:
     mode: str = "raw"                      # 'raw' pixels or 'jpg'
     jpeg_quality: int = 90
-    max_resolution: Optional[int] = None   # longest side in pixels; larger images are resized down by FFCV
+    max_resolution: Optional[int] = None   # longest side in pixels; larger images are resized down (INTER_AREA)
     num_workers: int = -1                  # -1 = all cores
     chunksize: int = 256
     force: bool = False                    # overwrite an existing .beton
     progress: bool = True
+    skip_corrupt: bool = False             # leave out samples that fail to decode instead of stopping
+
+
+@dataclass
+class SkippedSample:
+    index: int          # index in the source split
+    where: str          # file (and archive member) it came from
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"index": self.index, "file": self.where, "reason": self.reason}
+
+
+@dataclass
+class WriteStats:
+    """Exact integer counts over the stored pixels of one split: order- and worker-independent."""
+    num_classes: int
+    histogram: np.ndarray = None       # (3, 256) int64: how many pixels of each channel have each value 0..255
+    counts: np.ndarray = None          # (num_classes,) int64
+    min_hw: tuple = (1 << 30, 1 << 30)
+    max_hw: tuple = (0, 0)
+
+    def __post_init__(self):
+        self.histogram = np.zeros((3, 256), np.int64) if self.histogram is None else self.histogram
+        self.counts = np.zeros(self.num_classes, np.int64) if self.counts is None else self.counts
+
+    def add(self, image: np.ndarray, label: int) -> None:
+        """image: uint8 (H, W, 3). A per-channel bincount is ~5x cheaper than summing squares in int64."""
+        flat = image.reshape(-1, 3)
+        for c in range(3):
+            self.histogram[c] += np.bincount(flat[:, c], minlength=256)
+        self.counts[label] += 1
+        h, w = image.shape[:2]
+        self.min_hw = (min(self.min_hw[0], h), min(self.min_hw[1], w))
+        self.max_hw = (max(self.max_hw[0], h), max(self.max_hw[1], w))
+
+    def merge(self, other: "WriteStats") -> None:
+        self.histogram += other.histogram
+        self.counts += other.counts
+        self.min_hw = (min(self.min_hw[0], other.min_hw[0]), min(self.min_hw[1], other.min_hw[1]))
+        self.max_hw = (max(self.max_hw[0], other.max_hw[0]), max(self.max_hw[1], other.max_hw[1]))
+
+    def mean_std(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std as fractions of 255 (population std, computed from exact integer sums)."""
+        values = np.arange(256, dtype=np.int64)
+        p = max(int(self.histogram[0].sum()), 1)
+        mean, std = [], []
+        for c in range(3):
+            s, q = int(self.histogram[c] @ values), int(self.histogram[c] @ (values * values))
+            mean.append(s / p / 255.0)
+            std.append(float(np.sqrt(max(q * p - s * s, 0)) / p / 255.0))   # sqrt(p·Σx² − (Σx)²)/p, exact ints
+        return mean, std
 
 
 def channel_stats(source: Any, progress: bool = False) -> tuple[list[float], list[float], list[int]]:
-    """Per-channel mean and std (fractions of 255) and the class histogram of a source.
+    """Per-channel mean and std (fractions of 255) and the class histogram of a source, in one plain pass.
 
-    Uses float64 running sums, so the result does not depend on the order or chunking of the data.
+    The reference for the statistics the writer's workers accumulate; float64 running sums.
     """
     n_classes = len(source.classes)
     counts = np.zeros(n_classes, dtype=np.int64)
@@ -65,7 +132,7 @@ def channel_stats(source: Any, progress: bool = False) -> tuple[list[float], lis
             total += chunk.sum(0)
             total_sq += (chunk * chunk).sum(0)
             pixels += chunk.shape[0]
-        _check_labels(labels, n_classes, source)
+        check_labels(labels, n_classes, source)
         counts += np.bincount(labels, minlength=n_classes)
     else:
         for i in range(len(source)):
@@ -74,30 +141,304 @@ def channel_stats(source: Any, progress: bool = False) -> tuple[list[float], lis
             total += flat.sum(0)
             total_sq += (flat * flat).sum(0)
             pixels += flat.shape[0]
-            _check_labels(np.array([label]), n_classes, source, offset=i)
+            check_labels(np.array([label]), n_classes, source, offset=i)
             counts[label] += 1
     mean = total / max(pixels, 1)
     var = np.maximum(total_sq / max(pixels, 1) - mean * mean, 0.0)
     return (mean / 255.0).tolist(), (np.sqrt(var) / 255.0).tolist(), counts.tolist()
 
 
-def _check_labels(labels: np.ndarray, n_classes: int, source: Any, offset: int = 0) -> None:
+def check_labels(labels: np.ndarray, n_classes: int, source: Any, offset: int = 0) -> None:
+    """Raise DatasetFileError naming the file and sample index of the first label outside 0..n_classes-1."""
+    labels = np.asarray(labels)
     bad = np.nonzero((labels < 0) | (labels >= n_classes))[0]
     if len(bad):
         i = int(bad[0]) + offset
-        raise DatasetFileError(f"{getattr(source, 'origin', source.name)}: label {int(labels[bad[0]])} of sample {i} "
+        raise DatasetFileError(f"{locate(source, i)}: label {int(labels[bad[0]])} of sample {i} "
                                f"is outside 0..{n_classes - 1}")
+
+
+def locate(source: Any, i: int) -> str:
+    """Where sample i of `source` comes from, for error messages."""
+    if hasattr(source, "locate"):
+        try:
+            return source.locate(i)
+        except Exception:  # noqa: BLE001 - never let the error path itself fail
+            pass
+    return f"{getattr(source, 'origin', '') or source.name}[{i}]"
+
+
+def prepare_image(image: Any, max_resolution: Optional[int]) -> np.ndarray:
+    """Check an image is uint8 (H, W, 3) and shrink its longest side to `max_resolution` as FFCV would."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    if max_resolution:
+        from ffcv.fields.rgb_image import resizer
+
+        image = resizer(image, max_resolution)
+    return image
 
 
 def _ffcv_fields(options: WriteOptions) -> dict:
     from ffcv.fields import IntField, RGBImageField
 
+    # Resizing happens in prepare_image (so statistics see the stored pixels); FFCV's own resize stays off.
     image_kwargs: dict[str, Any] = {"write_mode": options.mode}
-    if options.max_resolution:
-        image_kwargs["max_resolution"] = options.max_resolution
     if options.mode == "jpg":
         image_kwargs["jpeg_quality"] = options.jpeg_quality
     return {"image": RGBImageField(**image_kwargs), "label": IntField()}
+
+
+def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue,
+                source, report_queue, max_resolution, skip_corrupt, num_classes):
+    """FFCV's worker_job_indexed_dataset plus: per-sample errors reported (or skipped) with the file named,
+    statistics of the stored pixels, and SIGINT left to the parent (which terminates us)."""
+    from ffcv.writer import handle_sample
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+    field_names = metadata_type.names
+    stats = WriteStats(num_classes)
+    placeholder = (np.zeros((1, 1, 3), np.uint8), 0)
+    with allocator:
+        while True:
+            chunk = input_queue.get()
+            if chunk is None:
+                break
+            for dest_ix, source_ix in chunk:
+                try:
+                    image, label = source[source_ix]
+                    image = prepare_image(image, max_resolution)
+                    label = int(label)
+                    if not 0 <= label < num_classes:
+                        raise ValueError(f"label {label} is outside 0..{num_classes - 1}")
+                    handle_sample((image, label), dest_ix, field_names, metadata, allocator, fields)
+                    stats.add(image, label)
+                except Exception as exc:  # noqa: BLE001 - every failure is reported with the file named
+                    where = locate(source, int(source_ix))
+                    reason = str(exc) if isinstance(exc, DatasetFileError) else f"{type(exc).__name__}: {exc}"
+                    if not skip_corrupt:
+                        report_queue.put(("error", int(source_ix), where, reason))
+                        report_queue.close()
+                        report_queue.join_thread()
+                        os._exit(1)  # the parent terminates the other workers; no page of ours may be flushed
+                    report_queue.put(("skip", int(source_ix), where, reason))
+                    handle_sample(placeholder, dest_ix, field_names, metadata, allocator, fields)
+            with done_number.get_lock():
+                done_number.value += len(chunk)
+    report_queue.put(("stats", stats))
+    allocations_queue.put(allocator.allocations)
+
+
+def _run_ffcv(source: Any, tmp: Path, indices: np.ndarray, options: WriteOptions, workers: int,
+              desc: str) -> tuple[WriteStats, list[SkippedSample]]:
+    """Write source[indices] to `tmp` with FFCV's DatasetWriter and our worker job; -> (stats, skipped)."""
+    import ctypes
+
+    from ffcv.memory_allocator import MemoryAllocator
+    from ffcv.utils import chunks
+    from ffcv.writer import DatasetWriter
+    from tqdm import tqdm
+
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    IMAGE_MODES["raw"]  # numba compiles this typed-dict lookup on first use (~1 s); do it once, before the fork
+    ctx = multiprocessing.get_context("fork")  # the source (open archives, arrays) is inherited, never pickled
+    writer = DatasetWriter(str(tmp), _ffcv_fields(options), page_size=PAGE_SIZE, num_workers=workers)
+    n = len(indices)
+    writer.num_samples = n
+    writer.prepare()
+    processes: list = []
+    ok = False
+    try:
+        work = ctx.Queue()
+        for chunk in chunks(list(enumerate(indices.tolist())), options.chunksize):
+            work.put(chunk)
+        for _ in range(workers):
+            work.put(None)
+        allocations_queue, report_queue = ctx.Queue(), ctx.Queue()
+        done = ctx.Value(ctypes.c_uint64, 0)
+        allocator = MemoryAllocator(str(tmp), writer.data_region_start, writer.page_size)
+        args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations_queue,
+                source, report_queue, options.max_resolution, options.skip_corrupt, len(source.classes))
+        processes = [ctx.Process(target=_worker_job, args=args, daemon=True) for _ in range(workers)]
+        for p in processes:
+            p.start()
+
+        skipped: list[SkippedSample] = []
+        total = WriteStats(len(source.classes))
+        n_stats = 0
+
+        def drain(block: bool) -> None:
+            nonlocal n_stats
+            try:
+                while True:
+                    msg = report_queue.get(timeout=0.05) if block else report_queue.get_nowait()
+                    block = False
+                    if msg[0] == "error":
+                        _, i, where, reason = msg
+                        raise DatasetFileError(f"{where} (sample {i} of {source.split}): {reason}")
+                    if msg[0] == "skip":
+                        skipped.append(SkippedSample(msg[1], msg[2], msg[3]))
+                    else:
+                        total.merge(msg[1])
+                        n_stats += 1
+            except queue.Empty:
+                pass
+
+        def check_alive() -> None:
+            for p in processes:
+                if p.exitcode not in (None, 0):
+                    drain(block=True)  # a reported error explains the death better than the exit code
+                    raise DatasetFileError(f"{tmp.parent}: writer process {p.pid} died (exit code {p.exitcode}) "
+                                           f"while converting {source.name}/{source.split}")
+
+        bar = tqdm(total=n, unit="img", unit_scale=True, desc=desc, disable=not options.progress, file=sys.stderr,
+                   dynamic_ncols=True, smoothing=0.1)
+        try:
+            previous = 0
+            while previous != n:
+                drain(block=False)
+                check_alive()
+                value = done.value
+                if value > previous:
+                    bar.update(value - previous)
+                    previous = value
+                time.sleep(0.05)
+        finally:
+            bar.close()
+        allocation_list: list = []
+        received = 0
+        while received < workers or n_stats < workers:
+            try:
+                allocation_list.extend(allocations_queue.get(timeout=0.05))
+                received += 1
+            except queue.Empty:
+                pass
+            drain(block=False)
+            if received < workers or n_stats < workers:
+                check_alive()
+        for p in processes:
+            p.join()
+        writer.finalize(allocation_list)
+        ok = True
+        return total, sorted(skipped, key=lambda s: s.index)
+    finally:
+        if not ok:
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+            for p in processes:
+                p.join()
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+
+
+@dataclass
+class StagedBeton:
+    """A finished .beton in its temporary file, and its sidecar, waiting for `commit()` (rename) or `discard()`."""
+    tmp: Path
+    path: Path
+    meta: dict
+    skipped: list = field(default_factory=list)
+
+    def commit(self) -> dict:
+        try:
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            # Sidecar first, then the data file: a .beton at its final path always has its sidecar beside it.
+            write_json_atomic(sidecar_path(self.path), self.meta)
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return self.meta
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+
+def temporary_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOptions | None = None,
+                desc: str | None = None) -> StagedBeton:
+    """Write `source` to a temporary file beside `path`; nothing appears at `path` until `.commit()`.
+
+    Raises FileExistsError when `path` exists and options.force is False, DatasetFileError for bad data (naming
+    the file and sample index); the temporary file is removed on any exception, Ctrl-C included.
+    """
+    options = options or WriteOptions()
+    if options.mode not in ("raw", "jpg"):
+        raise ValueError(f"image mode must be 'raw' or 'jpg', got {options.mode!r}")
+    if not 1 <= int(options.jpeg_quality) <= 100:
+        raise ValueError(f"jpeg quality must be in 1..100, got {options.jpeg_quality}")
+    path = Path(path)
+    if path.exists() and not options.force:
+        raise FileExistsError(f"{path} exists (pass --force to overwrite)")
+    origin = getattr(source, "origin", "") or source.name
+    if len(source) == 0:
+        raise DatasetFileError(f"{origin}: no images found for split '{source.split}'")
+    if not source.classes:
+        raise DatasetFileError(f"{origin}: no classes")
+    labels = getattr(source, "labels", None)
+    if labels is not None:
+        check_labels(np.asarray(labels), len(source.classes), source)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
+
+    t0 = time.perf_counter()
+    tmp = temporary_path(path)
+    workers = options.num_workers if options.num_workers > 0 else (os.cpu_count() or 1)
+    desc = desc or f"{source.name}/{source.split}"
+    try:
+        indices = np.arange(len(source))
+        stats, skipped = _run_ffcv(source, tmp, indices, options, workers, desc)
+        if skipped:
+            keep = np.setdiff1d(indices, [s.index for s in skipped])
+            if len(keep) == 0:
+                raise DatasetFileError(f"{origin}: every sample of split '{source.split}' failed to decode "
+                                       f"(first: {skipped[0].where}: {skipped[0].reason})")
+            tmp.unlink()
+            # The first pass wrote placeholders for the skipped samples; write again without them.
+            stats, again = _run_ffcv(source, tmp, keep, replace_skip(options), workers, desc + " (again)")
+        uniform = stats.min_hw == stats.max_hw
+        meta = {
+            "format": SIDECAR_FORMAT,
+            "dataset": source.name,
+            "split": source.split,
+            "classes": list(source.classes),
+            "num_classes": len(source.classes),
+            "num_images": int(stats.counts.sum()),
+            "class_counts": stats.counts.tolist(),
+            "image": {"mode": options.mode,
+                      "height": int(stats.max_hw[0]) if uniform else None,
+                      "width": int(stats.max_hw[1]) if uniform else None,
+                      "min_size": [int(v) for v in stats.min_hw], "max_size": [int(v) for v in stats.max_hw],
+                      "jpeg_quality": options.jpeg_quality if options.mode == "jpg" else None,
+                      "max_resolution": options.max_resolution},
+            "mean": None, "std": None,
+            "source": {"path": str(origin), "sha256": source.source_checksum(),
+                       **getattr(source, "source_info", {})},
+            "skipped": [s.as_dict() for s in skipped],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "bytes": tmp.stat().st_size,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        meta["mean"], meta["std"] = stats.mean_std()
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StagedBeton(tmp, path, meta, skipped)
+
+
+def replace_skip(options: WriteOptions) -> WriteOptions:
+    """The options for the second pass after skipping: a sample failing now is an error (the input changed)."""
+    from dataclasses import replace
+
+    return replace(options, skip_corrupt=False)
 
 
 def write_beton(source: ImageSource, path: str | os.PathLike, options: WriteOptions | None = None) -> dict:
@@ -105,55 +446,7 @@ def write_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
 
     Raises FileExistsError when `path` exists and options.force is False, DatasetFileError for bad data.
     """
-    from ffcv.writer import DatasetWriter
-
-    options = options or WriteOptions()
-    if options.mode not in ("raw", "jpg"):
-        raise ValueError(f"image mode must be 'raw' or 'jpg', got {options.mode!r}")
-    path = Path(path)
-    if path.exists() and not options.force:
-        raise FileExistsError(f"{path} exists (pass --force to overwrite)")
-    if len(source) == 0:
-        raise DatasetFileError(f"{getattr(source, 'origin', source.name)}: no images found")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
-
-    t0 = time.perf_counter()
-    mean, std, counts = channel_stats(source)
-    first, _ = source[0]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    workers = options.num_workers if options.num_workers > 0 else (os.cpu_count() or 1)
-    try:
-        writer = DatasetWriter(str(tmp), _ffcv_fields(options), num_workers=workers)
-        writer.from_indexed_dataset(source, chunksize=options.chunksize, shuffle_indices=False)
-        meta = {
-            "format": SIDECAR_FORMAT,
-            "dataset": source.name,
-            "split": source.split,
-            "classes": list(source.classes),
-            "num_classes": len(source.classes),
-            "num_images": len(source),
-            "class_counts": counts,
-            "image": {"mode": options.mode, "height": int(first.shape[0]), "width": int(first.shape[1]),
-                      "jpeg_quality": options.jpeg_quality if options.mode == "jpg" else None,
-                      "max_resolution": options.max_resolution},
-            "mean": mean,
-            "std": std,
-            "source": {"path": str(getattr(source, "origin", "")), "sha256": source.source_checksum()},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bytes": tmp.stat().st_size,
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        # Sidecar first, then the data file: a .beton at its final path always has its sidecar beside it.
-        write_json_atomic(sidecar_path(path), meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return meta
+    return stage_beton(source, path, options).commit()
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -163,7 +456,7 @@ def _remove_stale_temporaries(path: Path) -> None:
             pid = int(stale.name.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if pid == os.getpid() or not _pid_alive(pid):
+        if pid != os.getpid() and not _pid_alive(pid):
             stale.unlink(missing_ok=True)
 
 

@@ -1,0 +1,82 @@
+"""Image files as a writer source: decode (PIL, strict about truncation), convert to RGB, optionally resize.
+
+`FileImageSource` holds (member path, label) pairs over a file tree (loaders.convert.trees); decoding happens in
+the FFCV writer's worker processes, once per image.
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.rsplit("/", 1)[-1].startswith(".")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes -> uint8 (H, W, 3) RGB. Raises ValueError (with PIL's reason) for corrupt or truncated data."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # PIL refuses truncated files here (ImageFile.LOAD_TRUNCATED_IMAGES is False)
+            if im.mode != "RGB":
+                im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad data
+        raise ValueError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+
+
+def resize_to_side(image: np.ndarray, side: int) -> np.ndarray:
+    """Resize the shorter side to `side` (bilinear, antialiased), then center-crop to (side, side, 3).
+
+    The eval-time Resize(side) + CenterCrop(side) of torchvision, applied once at conversion.
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if (h, w) == (side, side):
+        return image
+    scale = side / min(h, w)
+    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR, reducing_gap=None))
+    top, left = (nh - side) // 2, (nw - side) // 2
+    return np.ascontiguousarray(resized[top:top + side, left:left + side])
+
+
+class FileImageSource:
+    """One split of image files: sample i is tree.read(members[i]) decoded, with label labels[i]."""
+
+    def __init__(self, tree, members: list[str], labels: np.ndarray, classes: list[str], name: str, split: str,
+                 origin: str, resize: Optional[int] = None, source_info: Optional[dict] = None):
+        self.tree = tree
+        self.members = list(members)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = list(classes)
+        self.name, self.split, self.origin = name, split, origin
+        self.resize = resize
+        self.source_info = dict(source_info or {})
+        if resize:
+            self.source_info["resize"] = f"shorter side to {resize}, center crop {resize}x{resize}"
+        self._checksum: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        image = decode_image(self.tree.read(self.members[i]))
+        if self.resize:
+            image = resize_to_side(image, self.resize)
+        return image, int(self.labels[i])
+
+    def locate(self, i: int) -> str:
+        return self.tree.locate(self.members[i])
+
+    def source_checksum(self) -> str:
+        if self._checksum is None:
+            self._checksum = self.tree.checksum(self.members)
+        return self._checksum
