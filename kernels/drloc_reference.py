@@ -76,3 +76,69 @@ def cbr_loss(logits_rows: torch.Tensor, logits_cols: torch.Tensor, target: torch
         t = target[..., axis].to(torch.float32)
         total = total + (torch.exp(-log_var) * (mu - t) ** 2 + 0.001 * log_var).mean()
     return total
+
+
+# ------------------------------------------------------------------------------ counter-based pair sampling
+# The fused Triton kernel (kernels/drloc_triton.py) draws the same positions from the same counters, so the two
+# paths agree bit for bit: every position is a pure function of (seed, image index, pair index, i|j), never of a
+# generator's state or of how the work is split. All hash arithmetic is on 32-bit values (int64 tensors here,
+# uint32 in the kernel).
+
+MASK32 = 0xFFFFFFFF
+DRLOC_SALT = 0x5D2A11C5      # separates drloc's stream from any other user of the same seed
+COUNTER_MUL = 0x9E3779B9     # golden-ratio multiplier spreading consecutive counters before hashing
+
+
+def hash32_int(x: int) -> int:
+    """The 'lowbias32' integer hash of a Python int (its low 32 bits)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """'lowbias32' on int64 tensors holding 32-bit values (products stay below 2**63)."""
+    x = x & MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def drloc_seed_key(seed: int) -> int:
+    """The 32-bit key every pair of one draw derives from (computed on the host, passed to the kernel)."""
+    return hash32_int(hash32_int(seed) ^ DRLOC_SALT)
+
+
+def counter_pair_positions(batch: int, k: int, m: int, seed: int,
+                           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """p_i, p_j: (B, m) int64 flat positions in [0, k*k), uniform, independent, with replacement.
+
+    position(b, t, w) = (bits * k*k) >> 32 with bits = h(h(h(key ^ b) ^ (c * COUNTER_MUL)) ^ c), c = 2t + w,
+    w = 0 for p_i and 1 for p_j, h = hash32, key = drloc_seed_key(seed). The multiply-shift maps 32 random bits
+    to [0, k*k) with a bias below k*k / 2**32.
+    """
+    n = k * k
+    if not 1 <= n < 2 ** 31:
+        raise ValueError(f"grid side k={k} out of range for pair sampling")
+    b = torch.arange(batch, dtype=torch.int64, device=device)
+    image_key = hash32(drloc_seed_key(seed) ^ b)[:, None, None]                       # (B, 1, 1)
+    c = (2 * torch.arange(m, dtype=torch.int64, device=device))[:, None] + torch.arange(2, device=device)
+    c = c[None]                                                                          # (1, m, 2)
+    bits = hash32(hash32(image_key ^ ((c * COUNTER_MUL) & MASK32)) ^ c)                 # (B, m, 2)
+    pos = (bits * n) >> 32
+    return pos[..., 0], pos[..., 1]
+
+
+def counter_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int,
+                              device: torch.device | str = "cpu", float_targets: bool = False
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The torch twin of the fused sampling + target kernel: p_i, p_j (B, m) int64 and offsets (B, m, 2)
+    in grid cells, int64 (class indices for 'ce'/'cbr') or float32 with float_targets (for 'l1')."""
+    p_i, p_j = counter_pair_positions(batch, k, m, seed, device)
+    target = pair_offset_targets(p_i, p_j, k, use_abs)
+    return p_i, p_j, (target.to(torch.float32) if float_targets else target)
