@@ -1,0 +1,173 @@
+"""Time one drloc step (pair sampling + targets, gather, pairwise head, loss, backward to tokens and head weights)
+per implementation, on the CIFAR ViT shapes by default (k = 8, C = 192, m = 64, H = 512):
+
+    python -m bench.heads [--device cpu|cuda] [--batch 1024] [--mode l1|ce|cbr] [--out-json F]
+
+Variants: eager      = engine.tasks.drloc as it runs today (torch.randint pairs, DrlocHead on gathered pairs,
+                       kernels.drloc_reference loss) — the reference pipeline;
+          compile    = the same step under torch.compile;
+          fused_torch = kernels.drloc_head.FusedPairLoss with its PyTorch ops (project once, gather-add);
+          triton     = kernels.dispatch with backend='triton' (CUDA only; the CPU interpreter is not a speed path).
+Each variant: warm-up steps, then `--repeats` timings of `--steps` steps; the table gives the median ms per step
+and the spread (min, max over repeats). Results go to bench/results/heads_<device>_<UTC time>.json unless
+--out-json says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.tasks.drloc import DrlocHead
+from kernels import dispatch
+from kernels import drloc_reference as ref
+from kernels.drloc_head import TorchPairOps, fused_pair_loss
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _reference_loss(head: DrlocHead, mode: str, tokens: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """DrlocTask.targets + head + loss, as engine/tasks/drloc.py composes them."""
+    p_i, p_j = ref.sample_pair_positions(tokens.shape[0], k, m, device=tokens.device)
+    target = ref.pair_offset_targets(p_i, p_j, k, use_abs=True)
+    pred = head(ref.gather_pairs(tokens, p_i, p_j))
+    if mode == "l1":
+        return ref.l1_loss(pred[0], target)
+    return (ref.ce_loss if mode == "ce" else ref.cbr_loss)(pred[0], pred[1], target)
+
+
+def build_steps(head: DrlocHead, mode: str, k: int, m: int, device: torch.device
+                ) -> dict[str, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """name -> step(tokens, seed) returning the loss (backward is run by the timer)."""
+    steps: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+        "eager": lambda tokens, seed: _reference_loss(head, mode, tokens, k, m),
+        "compile": torch.compile(lambda tokens, seed: _reference_loss(head, mode, tokens, k, m)),
+    }
+    params = dispatch.HeadParams.from_module(head)
+
+    def fused(ops):
+        def step(tokens, seed):
+            p_i, p_j, target = ref.counter_pairs_and_targets(tokens.shape[0], k, m, True, seed, device,
+                                                             mode == "l1")
+            return fused_pair_loss(tokens, p_i, p_j, target, params.w1, params.b1, params.w2, params.b2,
+                                   list(params.out), mode, ops=ops)
+        return step
+
+    steps["fused_torch"] = fused(TorchPairOps)
+    if device.type == "cuda":
+        def triton_step(tokens, seed):
+            p_i, p_j, target = dispatch.drloc_pairs_and_targets(tokens.shape[0], k, m, True, seed, device,
+                                                                "triton", mode == "l1")
+            return dispatch.drloc_pair_loss(tokens, p_i, p_j, target, params, mode, "triton")
+        steps["triton"] = triton_step
+    return steps
+
+
+def time_step(step, tokens_full: torch.Tensor, head: DrlocHead, steps: int, repeats: int, warmup: int,
+              autocast_dtype: torch.dtype | None) -> list[float]:
+    """-> ms per step for each repeat (forward + backward, gradients zeroed between steps)."""
+    device = tokens_full.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seed = 0
+
+    def one():
+        nonlocal seed
+        seed += 1
+        tokens_full.grad = None
+        head.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            loss = step(tokens_full[:, 1:], seed)
+        loss.backward()
+
+    for _ in range(warmup):
+        one()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            one()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3 / steps)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--grid", type=int, default=8, help="k: the patch grid side (CIFAR ViT: 32/4 = 8)")
+    ap.add_argument("--dim", type=int, default=192, help="C: token channels")
+    ap.add_argument("--pairs", type=int, default=64, help="m: pairs per image")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--mode", choices=["l1", "ce", "cbr"], default="l1")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="bf16 = autocast (default on CUDA); fp32 default on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="steps per repeat (default 20 CUDA, 3 CPU)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default="", help="comma list to run a subset (eager,compile,fused_torch,triton)")
+    ap.add_argument("--out-json", default="")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible")
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+    steps_per_repeat = args.steps or (20 if device.type == "cuda" else 3)
+    torch.manual_seed(0)
+    k, n_tok = args.grid, args.grid ** 2
+    head = DrlocHead(args.dim, k, mode=args.mode, use_abs=True, hidden=args.hidden).to(device)
+    tokens = torch.randn(args.batch, 1 + n_tok, args.dim, device=device, requires_grad=True)
+    variants = build_steps(head, args.mode, k, args.pairs, device)
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = set(wanted) - set(variants)
+        if unknown:
+            raise SystemExit(f"--variants: unknown or unavailable on {device}: {sorted(unknown)}")
+        variants = {name: variants[name] for name in wanted}
+
+    rows = {}
+    for name, step in variants.items():
+        times = time_step(step, tokens, head, steps_per_repeat, args.repeats, args.warmup, autocast_dtype)
+        rows[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+                      "repeats_ms": times}
+    base = rows.get("eager", {}).get("median_ms")
+    print(f"drloc step fwd+bwd, {device} {precision}, B={args.batch} k={k} C={args.dim} m={args.pairs} "
+          f"H={args.hidden} mode={args.mode}; median of {args.repeats} x {steps_per_repeat} steps")
+    print(f"{'variant':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'vs eager':>9}")
+    for name, r in rows.items():
+        speed = f"{base / r['median_ms']:.2f}x" if base else "-"
+        print(f"{name:<12} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {speed:>9}")
+
+    report = {
+        "bench": "drloc_head_step",
+        "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "config": {"batch": args.batch, "grid": k, "dim": args.dim, "pairs": args.pairs, "hidden": args.hidden,
+                   "mode": args.mode, "precision": precision, "steps": steps_per_repeat,
+                   "repeats": args.repeats, "warmup": args.warmup},
+        "results": rows,
+    }
+    out = Path(args.out_json) if args.out_json else RESULTS / (
+        f"heads_{device.type}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
