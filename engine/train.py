@@ -124,10 +124,16 @@ class StopFlag:
 
     def __init__(self):
         self.signal: int | None = None
+        self._previous: dict = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
@@ -212,7 +218,6 @@ def train(cfg: Config) -> dict:
             "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size}, rt.is_main)
 
     stop = StopFlag()
-    stop.install()
     generator = torch.Generator(device=rt.device)
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     max_steps = cfg.run.max_steps or total_steps
@@ -223,68 +228,69 @@ def train(cfg: Config) -> dict:
 
         progress = tqdm(total=min(total_steps, max_steps), initial=global_step, unit="step", dynamic_ncols=True,
                         file=sys.stdout)
-    t_start, seen = time.perf_counter(), 0
-    exit_code = 0
-    engine.train()
-    while epoch < cfg.optim.epochs and global_step < max_steps and exit_code == 0:
-        for batch in train_loader.epoch(epoch, step_in_epoch):
-            lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            seed = step_seed(cfg.run.seed, global_step, rt.rank)
-            torch.manual_seed(seed)
-            generator.manual_seed(seed)
-            with autocast:
-                loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, generator)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                if cfg.engine.fail_on_nonfinite:
-                    raise NonFiniteLoss(f"non-finite loss {loss_value} at global step {global_step} "
-                                        f"(epoch {epoch}, step {step_in_epoch}); nothing was saved for this step")
-                engine.zero_grad() if hasattr(engine, "zero_grad") else optimizer.zero_grad(set_to_none=True)
-            else:
-                engine.backward(loss)
-                engine.step()
-            global_step += 1
-            step_in_epoch += 1
-            seen += len(batch) * rt.world_size
-            if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
-                record = {"kind": "train", "step": global_step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                          **{k: float(v) for k, v in parts.items()}}
-                if run_log:
-                    run_log.write(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
-                                     img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
-            if stop.signal is not None or global_step >= max_steps:
-                break
-        else:
-            # the epoch ran to its end
-            if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-                last_eval = evaluate(forward_model, test_loader, rt, torch.bfloat16 if bf16 else torch.float32)
-                best_top1 = max(best_top1, last_eval["top1"])
-                if run_log:
-                    run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
-                                   "best_top1": best_top1})
+    stop.install()
+    try:
+        t_start, seen = time.perf_counter(), 0
+        exit_code = 0
+        engine.train()
+        while epoch < cfg.optim.epochs and global_step < max_steps and exit_code == 0:
+            for batch in train_loader.epoch(epoch, step_in_epoch):
+                lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                seed = step_seed(cfg.run.seed, global_step, rt.rank)
+                torch.manual_seed(seed)
+                generator.manual_seed(seed)
+                with autocast:
+                    loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, generator)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    if cfg.engine.fail_on_nonfinite:
+                        raise NonFiniteLoss(f"non-finite loss {loss_value} at global step {global_step} "
+                                            f"(epoch {epoch}, step {step_in_epoch}); nothing was saved for this step")
+                    engine.zero_grad() if hasattr(engine, "zero_grad") else optimizer.zero_grad(set_to_none=True)
+                else:
+                    engine.backward(loss)
+                    engine.step()
+                global_step += 1
+                step_in_epoch += 1
+                seen += len(batch) * rt.world_size
+                if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
+                    record = {"kind": "train", "step": global_step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                              **{k: float(v) for k, v in parts.items()}}
+                    if run_log:
+                        run_log.write(record)
                 if progress is not None:
-                    progress.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: test top-1 {last_eval['top1']:.2f}% "
-                                   f"(best {best_top1:.2f}%), loss {last_eval['loss']:.4f}")
-            epoch, step_in_epoch = epoch + 1, 0
-            if epoch % cfg.run.checkpoint_every == 0 or epoch == cfg.optim.epochs:
-                save_state()
-            continue
-        # left the epoch early: a signal or max_steps
-        if stop.signal is not None:
+                    progress.update(1)
+                    progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
+                                         img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
+                if stop.signal is not None or (global_step >= max_steps and step_in_epoch < steps_per_epoch):
+                    break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints
+            else:
+                # the epoch ran to its end
+                if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                    last_eval = evaluate(forward_model, test_loader, rt, torch.bfloat16 if bf16 else torch.float32)
+                    best_top1 = max(best_top1, last_eval["top1"])
+                    if run_log:
+                        run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
+                                       "best_top1": best_top1})
+                    if progress is not None:
+                        progress.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: test top-1 {last_eval['top1']:.2f}% "
+                                       f"(best {best_top1:.2f}%), loss {last_eval['loss']:.4f}")
+                epoch, step_in_epoch = epoch + 1, 0
+                if epoch % cfg.run.checkpoint_every == 0 or epoch == cfg.optim.epochs:
+                    save_state()
+                continue
+            # left the epoch early (a signal, or run.max_steps): checkpoint where we are
             save_state()
-            exit_code = EXIT_INTERRUPTED
-            if rt.is_main:
-                log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
-                            stop.signal, global_step)
-        else:
-            save_state()
-        break
-
+            if stop.signal is not None:
+                exit_code = EXIT_INTERRUPTED
+                if rt.is_main:
+                    log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
+                                stop.signal, global_step)
+            break
+    finally:
+        stop.restore()
     if progress is not None:
         progress.close()
     elapsed = time.perf_counter() - t_start

@@ -1,0 +1,1 @@
+"""bench: throughput measurements that reuse loaders/engine/kernels as they are (never a private copy)."""

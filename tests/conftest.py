@@ -1,0 +1,46 @@
+"""Shared fixtures: small real datasets converted once per session, and the shared-data locations."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CIFAR10_JPG = SHARED_DATA / "cifar10-jpg.tar.gz"
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def digits_betons(tmp_path_factory) -> dict[str, Path]:
+    """The embedded digits set (1,437 train / 360 test, 32x32 RGB) as .beton files with sidecars."""
+    from loaders.convert.digits import digits_source
+    from loaders.convert.writer import WriteOptions, write_beton
+
+    folder = tmp_path_factory.mktemp("digits")
+    out = {}
+    for split in ("train", "test"):
+        out[split] = folder / f"{split}.beton"
+        write_beton(digits_source(split), out[split], WriteOptions(num_workers=2, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_betons(tmp_path_factory) -> dict[str, Path]:
+    """A 96/48-image random 32x32 set with 4 classes (labels cycle), for quick loop tests."""
+    from loaders.convert.digits import ArraySource
+    from loaders.convert.writer import WriteOptions, write_beton
+
+    folder = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    out = {}
+    for split, n in (("train", 96), ("test", 48)):
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = np.arange(n) % 4
+        out[split] = folder / f"{split}.beton"
+        write_beton(ArraySource(images, labels, list("abcd"), "tiny", split), out[split],
+                    WriteOptions(num_workers=1, progress=False))
+    return out
