@@ -12,6 +12,9 @@ How DrlocHead / DrlocTask call it (per pass, tokens = out.patch_tokens (B, k*k, 
     params = HeadParams.from_module(task.head)            # or HeadParams.from_linears(first, second, outs)
     loss = drloc_pair_loss(tokens, p_i, p_j, target, params, mode, backend)     # scalar fp32, differentiable
 
+Positions must lie in [0, k*k) (the kernels do not bounds-check them). The Triton calls are excluded from
+torch.compile graphs (torch.compiler.disable): compiling a step that calls them gives a graph break there.
+
 `seed` must change every step and pass (e.g. a hash of run seed, step, pass index): the positions are a pure
 function of (seed, image index in the batch, pair index), identical on both backends.
 """
@@ -76,6 +79,12 @@ def drloc_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int
     device = torch.device(device)
     if resolve_backend(backend, device) == "torch":
         return ref.counter_pairs_and_targets(batch, k, m, use_abs, seed, device, float_targets)
+    return _triton_pairs_and_targets(batch, k, m, use_abs, seed, device, float_targets)
+
+
+# Dynamo does not trace through the kernel loader or the launches: a graph break at the call, the kernels as they are.
+@torch.compiler.disable
+def _triton_pairs_and_targets(batch, k, m, use_abs, seed, device, float_targets):
     kernels = load_kernels(_SOURCE, device, "drloc_pairs_and_targets")
     return kernels.pairs_and_targets(batch, k, m, use_abs, seed, device, float_targets)
 
@@ -113,6 +122,11 @@ def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, 
             return ref.l1_loss(pred[0], target)
         loss_fn = ref.ce_loss if mode == "ce" else ref.cbr_loss
         return loss_fn(pred[0], pred[1], target)
+    return _triton_pair_loss(tokens, p_i, p_j, target, params, out, mode)
+
+
+@torch.compiler.disable
+def _triton_pair_loss(tokens, p_i, p_j, target, params, out, mode):
     kernels = load_kernels(_SOURCE, tokens.device, "drloc_pair_loss")
     return fused_pair_loss(tokens, p_i, p_j, target, params.w1, params.b1, params.w2, params.b2, out, mode,
                            ops=kernels)

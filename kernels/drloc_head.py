@@ -11,6 +11,9 @@ projected once, P = tokens @ [W_a; W_b]^T (B*N, 2H), and each pair only gathers 
 Backward: matmuls for the dense layers, then the pair gradients are scatter-added (atomics) back onto dP (B*N, 2H),
 dw1 = [dP[:, :H]^T tokens | dP[:, H:]^T tokens], dtokens = dP @ [W_a; W_b], db1 = column sums of dP[:, :H].
 
+Determinism: the Triton scatter uses atomic adds (summation order varies run to run); under
+torch.use_deterministic_algorithms(True) the backward uses the torch scatter (index_add_) instead.
+
 Dtypes: matmuls run in the compute dtype (bf16 or fp32, or fp64 for gradcheck); gathers, the loss and the
 scatter accumulate in fp32 (fp64 for fp64). Gradients come back in each input's own dtype.
 """
@@ -141,7 +144,10 @@ class FusedPairLoss(torch.autograd.Function):
             db2 = dh2.sum(0, dtype=_acc(dtype))
             dw2 = dh2.T @ h1
             dh1 = dh2 @ w2c
-            dp = ctx.ops.scatter_pairs(dh1, h1, p_i, p_j, batch, n_tokens)              # (B*N, 2H) acc dtype
+            # atomics sum in a run-dependent order; torch's index_add_ has a deterministic mode
+            scatter = (TorchPairOps.scatter_pairs if torch.are_deterministic_algorithms_enabled()
+                       else ctx.ops.scatter_pairs)
+            dp = scatter(dh1, h1, p_i, p_j, batch, n_tokens)                              # (B*N, 2H) acc dtype
             db1 = dp[:, :h].sum(0)
             dpc = dp.to(dtype)
             del dp

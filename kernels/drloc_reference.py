@@ -110,8 +110,9 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 def drloc_seed_key(seed: int) -> int:
-    """The 32-bit key every pair of one draw derives from (computed on the host, passed to the kernel)."""
-    return hash32_int(hash32_int(seed) ^ DRLOC_SALT)
+    """The 32-bit key every pair of one draw derives from (computed on the host, passed to the kernel).
+    All 64 low bits of `seed` count (engine step seeds are up to 2**63)."""
+    return hash32_int(hash32_int(hash32_int(seed) ^ ((seed >> 32) & MASK32)) ^ DRLOC_SALT)
 
 
 def counter_pair_positions(batch: int, k: int, m: int, seed: int,

@@ -86,8 +86,9 @@ def test_positions_are_a_function_of_seed_image_and_pair_only():
     p_big, q_big = ref.counter_pair_positions(10, 6, 8, seed=3)
     p_small, q_small = ref.counter_pair_positions(4, 6, 5, seed=3)
     assert torch.equal(p_big[:4, :5], p_small) and torch.equal(q_big[:4, :5], q_small)
-    p_other, _ = ref.counter_pair_positions(10, 6, 8, seed=4)
-    assert (p_other != p_big).float().mean() > 0.9
+    for other in (4, 3 + 2 ** 32, 3 + 2 ** 62):     # high seed bits count too
+        p_other, _ = ref.counter_pair_positions(10, 6, 8, seed=other)
+        assert (p_other != p_big).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("k", [5, 8])
@@ -310,3 +311,24 @@ def test_drloc_pair_loss_rejects_bad_inputs(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         dispatch.drloc_pair_loss(**args)
+
+
+def test_deterministic_mode_uses_the_torch_scatter(interpret, monkeypatch):
+    """Under torch.use_deterministic_algorithms the backward avoids the atomic-add kernel, same gradients."""
+    problem = _problem(3, 3, 5, 4, 6, "ce", True, torch.float32, "cpu", seed=3)
+    loss, grads = _loss_and_grads("triton", *problem, "ce")
+    kernels = _kernels("cpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("atomic scatter used in deterministic mode")
+    monkeypatch.setattr(kernels, "scatter_pairs", refuse)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _, grads_det = _loss_and_grads("triton", *problem, "ce")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for g, g_det, name in zip(grads, grads_det, NAMES):
+        _assert_close(g_det, g, torch.float32, name)
+    with pytest.raises(AssertionError, match="atomic scatter"):
+        _loss_and_grads("triton", *problem, "ce")
