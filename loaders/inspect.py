@@ -2,7 +2,8 @@
 
 Prints the fields, the sample count, the image mode and sizes and the class histogram (labels read from the file,
 names from the sidecar). --verify decodes every image with a plain per-sample reader (FFCV's own file layout, no
-compiled pipeline: an independent check of the writer) and checks count, labels, sizes and channel mean/std against the sidecar.
+compiled pipeline: an independent check of the writer) and checks count, labels, sizes and channel mean/std
+against the sidecar.
 """
 from __future__ import annotations
 
@@ -179,7 +180,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 for p in problems:
                     print(f"verify FAILED: {p}", file=sys.stderr)
                 return EXIT_VERIFY_FAILED
-            print(f"verify ok: all {beton.num_samples} images decode; count, labels, sizes and mean/std match the sidecar")
+            print(f"verify ok: all {beton.num_samples} images decode; count, labels, sizes and mean/std "
+                  f"match the sidecar")
         return 0
     except DatasetFileError as exc:
         print(f"error: {exc}", file=sys.stderr)

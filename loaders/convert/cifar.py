@@ -38,8 +38,9 @@ def cifar_variant(files: list[str]) -> Optional[str]:
 
 class _ArraysOnly(pickle.Unpickler):
     def find_class(self, module, name):
-        if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar",
-                                                         "_frombuffer"):
+        numpy_array = module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar",
+                                                                    "_frombuffer")
+        if numpy_array or (module, name) == ("_codecs", "encode"):  # protocol-2 pickles write bytes via encode
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} (a CIFAR batch holds only arrays)")
 

@@ -32,20 +32,21 @@ def decode_image(data: bytes) -> np.ndarray:
 
 
 def resize_to_side(image: np.ndarray, side: int) -> np.ndarray:
-    """Resize the shorter side to `side` (bilinear, antialiased), then center-crop to (side, side, 3).
+    """uint8 (H, W, 3) -> (side, side, 3): shorter side to `side` (PIL bilinear, antialiased), center crop.
 
-    The eval-time Resize(side) + CenterCrop(side) of torchvision, applied once at conversion.
+    Exactly torchvision's Resize(side) + CenterCrop(side) on a PIL image (same size rounding, same crop offsets),
+    applied once at conversion.
     """
     from PIL import Image
 
     h, w = image.shape[:2]
-    if (h, w) == (side, side):
-        return image
-    scale = side / min(h, w)
-    nh, nw = max(side, round(h * scale)), max(side, round(w * scale))
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR, reducing_gap=None))
-    top, left = (nh - side) // 2, (nw - side) // 2
-    return np.ascontiguousarray(resized[top:top + side, left:left + side])
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = side, int(side * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    top, left = int(round((new_h - side) / 2.0)), int(round((new_w - side) / 2.0))
+    return np.ascontiguousarray(image[top:top + side, left:left + side])
 
 
 class FileImageSource:
