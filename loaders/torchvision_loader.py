@@ -49,6 +49,8 @@ def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
             bins = 10
         for stage in range(p["op"].shape[1]):
             name = OP_NAMES[int(p["op"][0, stage])]
+            if name == "Identity":
+                continue
             value = signed_values(bins, h, w, name)[int(p["mag_idx"][0, stage])]
             image = _apply_op(image, name, value, InterpolationMode.NEAREST, None)
     return image

@@ -97,6 +97,7 @@ def test_policy_draw_frequencies_follow_torchvision():
     # signs of signed ops: half negated (index >= 10)
     signed = torch.tensor([[r[0][0] in ("Rotate", "TranslateX", "ShearY", "Color", "Brightness", "Contrast",
                                         "Sharpness", "TranslateY", "ShearX")] for r in rows])[p["policy"], 0]
+    signed = signed & p["applied"][:, 0]
     neg = (p["mag_idx"][:, 0] >= 10)[signed].double().mean()
     assert abs(float(neg) - 0.5) < 0.01
     assert not (p["mag_idx"][:, 0] >= 10)[~signed].any()

@@ -286,6 +286,7 @@ def auto_augment_params(keys: torch.Tensor, policy: str) -> dict[str, torch.Tens
     negative = signed[pid] & (sign == 0)
     mag_idx = bins[pid] + 10 * negative.to(torch.int64)
     op = torch.where(applied, ops[pid], torch.zeros_like(ops[pid]))
+    mag_idx = torch.where(applied, mag_idx, torch.zeros_like(mag_idx))
     return {"policy": pid, "op": op, "mag_idx": mag_idx, "applied": applied}
 
 
