@@ -87,8 +87,9 @@ def test_erasing_matches_reference_fill_and_box_rules(size):
     assert torch.all(b[:, 0] + b[:, 2] <= h) and torch.all(b[:, 1] + b[:, 3] <= w)
     area = (b[:, 2] * b[:, 3]).double() / (h * w)
     assert area.min() >= 0.01 and area.max() <= 0.45
-    # the top offset is uniform over its allowed range: (top / (H - h)) ~ U(0, 1) roughly
-    frac = (b[:, 0].double() + 0.5) / (h - b[:, 2] + 1).double()
+    # the top offset is uniform over {0..H-h}: (top + V) / (H-h+1) with V ~ U(0, 1) is then exactly U(0, 1)
+    jitter = torch.from_numpy(np.random.default_rng(0).random(len(b)))
+    frac = (b[:, 0].double() + jitter) / (h - b[:, 2] + 1).double()
     assert stats.kstest(frac.numpy(), "uniform").pvalue > 1e-4
     x = torch.randn(64, 3, h, w)
     mean = [0.4914, 0.4822, 0.4465]
