@@ -126,15 +126,20 @@ def _geometric_matrix(op: str, magnitude: float, height: int, width: int) -> lis
 
 
 @lru_cache(maxsize=256)
-def _geometric_table(op: str, values: tuple, height: int, width: int) -> list[list[float]]:
-    return [_geometric_matrix(op, v, height, width) for v in values]
+def _geometric_table(op: str, values: tuple, height: int, width: int, device: str) -> torch.Tensor:
+    return theta_table([_geometric_matrix(op, v, height, width) for v in values], device)
+
+
+@lru_cache(maxsize=256)
+def _values_on(values: tuple, device: str) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64).to(device)
 
 
 def geometric(images: torch.Tensor, op: str, mag_idx: torch.Tensor, values: tuple,
               fill: Optional[float] = None) -> torch.Tensor:
     """ShearX/Y, TranslateX/Y, Rotate with per-image magnitudes values[mag_idx]; nearest, outside = fill or 0."""
     _, _, h, w = images.shape
-    table = theta_table(_geometric_table(op, values, h, w), images.device)
+    table = _geometric_table(op, values, h, w, str(images.device))
     return warp_nearest(images, table[mag_idx], fill=fill)
 
 
@@ -229,7 +234,7 @@ def apply_op(images: torch.Tensor, op: str, mag_idx: torch.Tensor, num_bins: int
     values = signed_values(num_bins, h, w, op)
     if op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
         return geometric(images, op, mag_idx, values, fill)
-    mag = torch.tensor(values, dtype=torch.float64, device=images.device)[mag_idx]
+    mag = _values_on(values, str(images.device))[mag_idx]
     colour: dict[str, Callable[[], torch.Tensor]] = {
         "Identity": lambda: images,
         "Brightness": lambda: brightness(images, 1.0 + mag),
@@ -260,8 +265,8 @@ def apply_ops(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor,
 
 
 # ----------------------------------------------------------------------------------------------- policies
-@lru_cache(maxsize=8)
-def _policy_tables(policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@lru_cache(maxsize=16)
+def _policy_tables(policy: str, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, 2) op ids, (P, 2) apply probabilities, (P, 2) bin ids (0 for none), (P, 2) signed flags."""
     if policy not in POLICIES:
         raise ValueError(f"auto augment policy must be one of {sorted(POLICIES)}, got {policy!r}")
@@ -271,14 +276,14 @@ def _policy_tables(policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     probs = torch.tensor([[o[1] for o in r] for r in rows], dtype=torch.float64)
     bins = torch.tensor([[o[2] if o[2] is not None else 0 for o in r] for r in rows], dtype=torch.int64)
     signed = torch.tensor([[space[o[0]][1] for o in r] for r in rows], dtype=torch.bool)
-    return ops, probs, bins, signed
+    return ops.to(device), probs.to(device), bins.to(device), signed.to(device)
 
 
 def auto_augment_params(keys: torch.Tensor, policy: str) -> dict[str, torch.Tensor]:
     """Per-image draws, torchvision's rule: sub-policy uniform; stage i applies when u_i <= p_i; a signed op is
     negated when its sign draw is 0. Returns 'policy' (B,), 'op' (B, 2) op ids (0 = Identity when not applied),
     'mag_idx' (B, 2) indices into signed_values(10, ...), 'applied' (B, 2) bool."""
-    ops, probs, bins, signed = (t.to(keys.device) for t in _policy_tables(policy))
+    ops, probs, bins, signed = _policy_tables(policy, str(keys.device))
     pid = randint(keys, SLOT_AA_POLICY, len(POLICIES[policy]))[:, 0]                  # (B,)
     u = uniform(keys, SLOT_AA_APPLY, 2).to(torch.float64)                             # (B, 2)
     sign = randint(keys, SLOT_AA_SIGN, 2, n=2)                                        # (B, 2)

@@ -38,10 +38,10 @@ def scale_grid(scale_min: float, scale_max: float) -> np.ndarray:
 
 
 @lru_cache(maxsize=32)
-def _matrices(height: int, width: int, shifts: tuple, scales: tuple) -> list[list[float]]:
-    """All (dx, dy, s) inverse matrices, index (ix * len(shifts) + iy) * len(scales) + isc."""
-    return [inverse_affine_matrix([0.0, 0.0], 0.0, [dx * width, dy * height], s, [0.0, 0.0])
-            for dx in shifts for dy in shifts for s in scales]
+def _thetas(height: int, width: int, shifts: tuple, scales: tuple, device: str) -> torch.Tensor:
+    """All (dx, dy, s) inverse matrices (K, 2, 3) float32 on `device`, index (ix * n + iy) * n_scale + isc."""
+    return theta_table([inverse_affine_matrix([0.0, 0.0], 0.0, [dx * width, dy * height], s, [0.0, 0.0])
+                        for dx in shifts for dy in shifts for s in scales], device)
 
 
 def fill_value(fill: str | float) -> float:
@@ -85,7 +85,7 @@ def translate_scale(images: torch.Tensor, keys: torch.Tensor, kind: str = "trans
     else:
         s_idx = torch.zeros(b, 1, dtype=torch.int64, device=dev)
         scale_values = (1.0,)
-    table = theta_table(_matrices(h, w, shift_values, scale_values), dev)          # (K, 2, 3)
+    table = _thetas(h, w, shift_values, scale_values, str(dev))                     # (K, 2, 3)
     n_shift, n_scale = len(shift_values), len(scale_values)
     combo = (t_idx[:, 0] * n_shift + t_idx[:, 1]) * n_scale + s_idx[:, 0]
     return warp_nearest(images, table[combo], fill=fill_value(fill)), params
