@@ -8,8 +8,8 @@ Variants: eager      = engine.tasks.drloc as it runs today (torch.randint pairs,
           compile    = the same step under torch.compile;
           fused_torch = kernels.drloc_head.FusedPairLoss with its PyTorch ops (project once, gather-add);
           triton     = kernels.dispatch with backend='triton' (CUDA only; the CPU interpreter is not a speed path).
-Each variant: warm-up steps, then `--repeats` timings of `--steps` steps; the table gives the median ms per step
-and the spread (min, max over repeats). Results go to bench/results/heads_<device>_<UTC time>.json unless
+Each variant: warm-up steps, then `--repeats` timings of `--steps` steps, variants interleaved round-robin; the
+table gives the median ms per step and the spread (min, max over repeats). Results go to bench/results/heads_<device>_<UTC time>.json unless
 --out-json says otherwise.
 """
 from __future__ import annotations
@@ -71,32 +71,42 @@ def build_steps(head: DrlocHead, mode: str, k: int, m: int, device: torch.device
     return steps
 
 
-def time_step(step, tokens_full: torch.Tensor, head: DrlocHead, steps: int, repeats: int, warmup: int,
-              autocast_dtype: torch.dtype | None) -> list[float]:
-    """-> ms per step for each repeat (forward + backward, gradients zeroed between steps)."""
-    device = tokens_full.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seed = 0
+class StepTimer:
+    """Runs one variant's step (forward + backward, gradients cleared between steps) and times batches of steps."""
 
-    def one():
-        nonlocal seed
-        seed += 1
-        tokens_full.grad = None
-        head.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = step(tokens_full[:, 1:], seed)
+    def __init__(self, step, tokens_full: torch.Tensor, head: DrlocHead, autocast_dtype: torch.dtype | None):
+        self.step, self.tokens, self.head, self.autocast_dtype = step, tokens_full, head, autocast_dtype
+        self.seed = 0
+        self.sync = torch.cuda.synchronize if tokens_full.device.type == "cuda" else (lambda: None)
+
+    def one(self) -> None:
+        self.seed += 1
+        self.tokens.grad = None
+        self.head.zero_grad(set_to_none=True)
+        dev = self.tokens.device.type
+        with torch.autocast(dev, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            loss = self.step(self.tokens[:, 1:], self.seed)
         loss.backward()
 
-    for _ in range(warmup):
-        one()
-    sync()
-    times = []
-    for _ in range(repeats):
+    def ms_per_step(self, steps: int) -> float:
+        self.sync()
         start = time.perf_counter()
         for _ in range(steps):
-            one()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3 / steps)
+            self.one()
+        self.sync()
+        return (time.perf_counter() - start) * 1e3 / steps
+
+
+def time_variants(timers: dict[str, StepTimer], steps: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Warm every variant up (compiles, autotunes), then time them round-robin, so that load on a shared machine
+    drifting over the run spreads over all variants instead of biasing the one that ran during it."""
+    for timer in timers.values():
+        for _ in range(warmup):
+            timer.one()
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            times[name].append(timer.ms_per_step(steps))
     return times
 
 
@@ -136,9 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--variants: unknown or unavailable on {device}: {sorted(unknown)}")
         variants = {name: variants[name] for name in wanted}
 
+    timers = {name: StepTimer(step, tokens, head, autocast_dtype) for name, step in variants.items()}
     rows = {}
-    for name, step in variants.items():
-        times = time_step(step, tokens, head, steps_per_repeat, args.repeats, args.warmup, autocast_dtype)
+    for name, times in time_variants(timers, steps_per_repeat, args.repeats, args.warmup).items():
         rows[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
                       "repeats_ms": times}
     base = rows.get("eager", {}).get("median_ms")

@@ -19,6 +19,7 @@ scatter accumulate in fp32 (fp64 for fp64). Gradients come back in each input's 
 """
 from __future__ import annotations
 
+import warnings
 from types import ModuleType
 
 import torch
@@ -30,14 +31,21 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+_MM_OUT_DTYPE = [True]
+
+
 def _matmul_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b (low-precision inputs) with the result in the accumulation dtype: a bf16 P rounded per half and then
     summed would round twice where the reference's Linear on concat(e_i, e_j) rounds once."""
     acc = _acc(a.dtype)
     if a.dtype == acc:
         return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=acc)          # bf16 tensor cores, fp32 output
+    if a.is_cuda and _MM_OUT_DTYPE[0]:
+        try:
+            return torch.mm(a, b, out_dtype=acc)      # bf16 tensor cores, fp32 output
+        except (RuntimeError, TypeError) as err:      # a torch/GPU without aten::mm.dtype for these dtypes
+            _MM_OUT_DTYPE[0] = False
+            warnings.warn(f"drloc: torch.mm(out_dtype=float32) unavailable ({err}); projecting in fp32 instead")
     return a.to(acc) @ b.to(acc)                      # CPU (interpreter tests): same math, upcast inputs
 
 

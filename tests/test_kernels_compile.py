@@ -20,18 +20,24 @@ TARGET = backends.GPUTarget("cuda", 90, 32)
 
 
 def _compile(fn, args: dict, constexprs: dict):
-    """args: name -> '*fp32'-style pointer type or an example int (1 specialises to a constant, as at launch)."""
-    signature, consts = {}, dict(constexprs)
+    """args: name -> '*fp32'-style pointer type or an example int. Specialised as a launch does: an int equal to 1
+    becomes a constant, ints divisible by 16 and (torch-allocated, 16-byte aligned) pointers get divisibility 16."""
+    signature, consts, attrs = {}, dict(constexprs), {}
     for name, value in args.items():
+        index = (fn.arg_names.index(name),)
         if isinstance(value, str):
             signature[name] = value
+            attrs[index] = [["tt.divisibility", 16]]
         elif value == 1:
             signature[name], consts[name] = "constexpr", 1
         else:
             signature[name] = "i64" if abs(value) >= 2 ** 31 else "i32"
+            if value % 16 == 0:
+                attrs[index] = [["tt.divisibility", 16]]
     for name in constexprs:
         signature[name] = "constexpr"
-    kernel = triton.compile(compiler.ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET)
+    source = compiler.ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
+    kernel = triton.compile(source, target=TARGET)
     assert "cubin" in kernel.asm and len(kernel.asm["cubin"]) > 0
     return kernel
 
