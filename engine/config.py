@@ -65,6 +65,10 @@ class ModelConfig:
     drop_path: float = 0.1
     spt: bool = False                  # Shifted Patch Tokenization (METHODS.md D)
     lsa: bool = False                  # Locality Self-Attention (METHODS.md D)
+    # fine-tune stage of the self-supervised method (METHODS.md B): weights loaded by name before training with
+    # engine.models.pretrained (read_state_dict + load_backbone_weights, which reports every key not loaded)
+    pretrained: str = ""               # checkpoint file; '' = train from scratch
+    pretrained_key: str = "teacher"    # entry of the checkpoint dict holding the state dict ('' = the file itself)
 
 
 @dataclass
