@@ -6,8 +6,10 @@ Source: a .beton (decoded once into arrays, like the reference's in-memory CIFAR
 image by image with torchvision.transforms.functional (pad + crop, hflip, AutoAugment/RandAugment via
 torchvision's own `_apply_op`), with parameters drawn from the same counter-based keys as the batched suite, so
 for a given seed this loader yields the same batches as the resident/ffcv loaders (tests check it) and the same
-batches whatever the worker count. The batch stage (normalize, erasing, mixing, perceptibility) runs in the main
-process through the TrainTransform's `finish`, as the reference runs mixing on the batch.
+batches whatever the worker count. style='pil' runs the reference's PIL transforms instead (RandomHorizontalFlip,
+RandomCrop(padding), AutoAugment on PIL images, the global RNG seeded per sample from its key): the bench
+baseline. The batch stage (normalize, erasing, mixing, perceptibility) runs in the main process through the
+TrainTransform's `finish`, as the reference runs mixing on the batch.
 """
 from __future__ import annotations
 
@@ -56,13 +58,35 @@ def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
     return image
 
 
+def pil_pipeline(data, height: int):
+    """The reference repos' per-image PIL transforms for the uint8 stage (SPT_LSA_ViT/main.py order)."""
+    from torchvision import transforms as T
+
+    steps = []
+    if data.flip:
+        steps.append(T.RandomHorizontalFlip())
+    if data.crop_padding:
+        steps.append(T.RandomCrop(height, padding=data.crop_padding))
+    if data.auto_augment == "rand":
+        steps.append(T.RandAugment(data.rand_augment_ops, data.rand_augment_magnitude))
+    elif data.auto_augment != "none":
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy(data.auto_augment)))
+    return T.Compose(steps)
+
+
 class _Samples(Dataset):
-    """Item (index, repeat) -> (uint8 (3, H, W) augmented, label, index, repeat)."""
+    """Item (index, repeat) -> (uint8 (3, H, W) augmented, label, index, repeat).
+
+    style 'keyed': torchvision.transforms.functional on tensors with our keyed parameters (bit-equal to the
+    batched suite); 'pil': the reference's PIL transforms, their global RNG seeded from the sample's key (so
+    still the same result for any worker count, but not the batched suite's draws) — the speed baseline.
+    """
 
     def __init__(self, images: Optional[np.ndarray], labels: np.ndarray, files: Optional[list[str]],
-                 transform, epoch: int):
+                 transform, epoch: int, style: str = "keyed"):
         self.images, self.labels, self.files = images, labels, files
-        self.transform, self.epoch = transform, epoch
+        self.transform, self.epoch, self.style = transform, epoch, style
+        self.pil = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,14 +97,26 @@ class _Samples(Dataset):
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
-            return torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, item):
         i, repeat = item
         image = self._load(i)
         if isinstance(self.transform, TrainTransform):
             key = self.transform.keys(torch.tensor([i]), self.epoch, torch.tensor([repeat]))[0]
-            image = augment_one(image, key, self.transform.data)
+            if self.style == "pil":
+                import random
+
+                from PIL import Image
+
+                if self.pil is None:
+                    self.pil = pil_pipeline(self.transform.data, image.shape[-2])
+                torch.manual_seed(int(key))
+                random.seed(int(key))
+                out = self.pil(Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())))
+                image = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+            else:
+                image = augment_one(image, key, self.transform.data)
         return image, int(self.labels[i]), i, repeat
 
 
@@ -122,7 +158,12 @@ class TorchvisionLoader:
     """Yields `Batch`es for one rank from a torch DataLoader with `num_workers` worker processes."""
 
     def __init__(self, source: str | Path, plan: EpochPlan, transform, device: torch.device, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 2):
+                 world_size: int = 1, num_workers: int = 2, style: str = "keyed"):
+        """style: 'keyed' (default; same batches as the batched loaders) or 'pil' (the reference's PIL
+        transforms: the bench baseline). See _Samples."""
+        if style not in ("keyed", "pil"):
+            raise ValueError(f"torchvision loader style must be 'keyed' or 'pil', got {style!r}")
+        self.style = style
         source = Path(source)
         self.images: Optional[np.ndarray] = None
         self.files: Optional[list[str]] = None
@@ -147,7 +188,7 @@ class TorchvisionLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
         repeats = plan_repeats(self.plan, self.rank, self.world_size, start_step)
-        dataset = _Samples(self.images, self.labels, self.files, self.transform, epoch)
+        dataset = _Samples(self.images, self.labels, self.files, self.transform, epoch, self.style)
         loader = DataLoader(dataset, batch_sampler=_PlanBatches(order, repeats, self.plan.per_rank_batch(
             self.world_size)), num_workers=self.num_workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda")

@@ -133,15 +133,27 @@ def test_loaders_agree_batch_for_batch(betons):
             assert torch.equal(x.params["translate_idx"], y.params["translate_idx"])
 
 
-def test_torchvision_loader_same_batches_for_0_1_2_workers(betons):
+@pytest.mark.parametrize("style", ["keyed", "pil"])
+def test_torchvision_loader_same_batches_for_0_1_2_workers(betons, style):
+    from loaders.order import EpochPlan
+    from loaders.torchvision_loader import TorchvisionLoader
+    from loaders.transforms.pipeline import TrainTransform
+
     data = _data(betons["raw"], "torchvision", auto_augment="cifar10", erasing_prob=0.25)
+    transform = TrainTransform(data, [0.5] * 3, [0.25] * 3, seed=4)
+    plan = EpochPlan(N, 12, seed=4)
     outs = []
     for workers in (0, 1, 2):
-        loader, _ = build_loader(dataclasses.replace(data, num_workers=workers), True, 4, torch.device("cpu"))
+        loader = TorchvisionLoader(betons["raw"], plan, transform, torch.device("cpu"), num_workers=workers,
+                                   style=style)
         outs.append(_collect(loader, 1)[:3])
     for other in outs[1:]:
         for x, y in zip(outs[0], other):
             assert torch.equal(x.images, y.images)
+    if style == "pil":      # the PIL path is a different implementation: same labels/order, other pixels
+        keyed = TorchvisionLoader(betons["raw"], plan, transform, torch.device("cpu"), num_workers=0)
+        first = _collect(keyed, 1)[0]
+        assert torch.equal(first.index, outs[0][0].index) and not torch.equal(first.images, outs[0][0].images)
 
 
 def test_dali_jpeg_matches_ffcv_decode(betons):
