@@ -32,18 +32,35 @@ def _tl_acc(dtype: torch.dtype):
     return _ACC.get(dtype, tl.float32)
 
 
-# tl.sum / tl.max / tl.zeros are themselves @triton.jit functions of triton.language.standard, built in the mode that
-# was on when triton was first imported (usually compiled: torch and timm import triton early), and such a function
-# raises when an interpreted kernel calls it. tl.reduce and tl.full are builtins, patched by the interpreter, which
-# reduces these two standard combine functions with numpy; compiled, this is exactly what tl.sum / tl.max emit.
+# tl.sum / tl.max / tl.zeros are @triton.jit functions of triton.language.standard, built in the mode that was on
+# when triton was first imported (torch and timm import it early), and calling one from a kernel of the other mode
+# fails. So this module uses only builtins (tl.reduce, tl.full) and picks its combine functions by its own mode:
+# interpreted, the standard ones, which the interpreter recognises and reduces with numpy (only their identity is
+# used); compiled, its own, which are what tl.sum / tl.max emit.
+@triton.jit
+def _add_combine(a, b):
+    return a + b
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+if triton.knobs.runtime.interpret:
+    _SUM_COMBINE, _MAX_COMBINE = tl.standard._sum_combine, tl.standard._elementwise_max
+else:
+    _SUM_COMBINE, _MAX_COMBINE = _add_combine, _max_combine
+
+
 @triton.jit
 def _row_sum(x):
-    return tl.reduce(x, 1, tl.standard._sum_combine)
+    return tl.reduce(x, 1, _SUM_COMBINE)
 
 
 @triton.jit
 def _row_max(x):
-    return tl.reduce(x, 1, tl.standard._elementwise_max)
+    return tl.reduce(x, 1, _MAX_COMBINE)
 
 
 @triton.jit
