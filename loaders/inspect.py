@@ -22,7 +22,7 @@ EXIT_VERIFY_FAILED = 1
 
 
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("file", metavar="FILE", help="a .beton file (its sidecar FILE.json beside it)")
+    parser.add_argument("path", metavar="FILE", help="a .beton file (its sidecar FILE.json beside it)")
     parser.add_argument("--verify", action="store_true",
                         help="decode every image and check count, labels and sizes against the sidecar")
     return parser
@@ -157,7 +157,7 @@ def verify(path: Path, beton: BetonFile, meta: dict) -> list[str]:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """-> 0 (verified or just described), 1 when --verify found a mismatch, 2 for an unusable file."""
-    path = Path(args.file)
+    path = Path(args.path)
     if path.suffix != ".beton":
         print(f"error: {path}: not a .beton file", file=sys.stderr)
         return EXIT_BAD_INPUT

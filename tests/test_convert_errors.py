@@ -179,3 +179,17 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert listing(out) == []
+
+
+def test_killed_conversion_temporary_is_removed_next_time(tmp_path, capsys):
+    """A SIGKILLed writer cannot clean up; its hidden temporary (dead pid in the name) goes on the next run."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".train.beton.tmp-{dead.pid}"
+    stale.write_bytes(b"half a beton")
+    np.savez(tmp_path / "train.npz", images=np.zeros((3, 8, 8, 3), np.uint8), labels=np.array([0, 1, 1]))
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "train.npz"), "--out", str(out))
+    assert rc == 0, err
+    assert listing(out) == ["train.beton", "train.beton.json"]

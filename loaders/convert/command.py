@@ -25,29 +25,31 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                              "tiny-imagenet-200 folder or .zip, an ImageFolder folder or .tar.gz with "
                              "train/test|val|valid subfolders, .npz) or a dataset word: digits, cifar10, cifar100, "
                              "svhn, tinyimagenet (the official files, from --download-dir)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for <split>.beton(.json)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder for <split>.beton(.json) "
+                        "(required)")
     parser.add_argument("--dataset", default=None, metavar="NAME",
-                        help="dataset name recorded in the sidecars (default: detected from the source)")
+                        help="dataset name recorded in the sidecars; None: detected from the source")
     parser.add_argument("--splits", default=None, metavar="LIST",
-                        help="comma-separated splits to convert, e.g. train,test (default: all labelled splits "
-                             "found; SVHN's extra only when named)")
+                        help="comma-separated splits to convert, e.g. train,test; None: all labelled splits "
+                             "found (SVHN's extra only when named)")
     parser.add_argument("--labels", choices=("fine", "coarse"), default="fine",
                         help="CIFAR-100 label set (coarse: the 20 superclasses)")
     parser.add_argument("--mode", choices=("auto", "raw", "jpg"), default="auto",
                         help=f"image storage: raw pixels, JPEG, or auto (raw up to {AUTO_RAW_MAX_SIDE} px, else jpg)")
     parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality 1..100 (jpg mode)")
     parser.add_argument("--max-resolution", type=int, default=None, metavar="N",
-                        help="shrink images whose longest side exceeds N pixels (aspect kept)")
+                        help="shrink images whose longest side exceeds N pixels (aspect kept); None: never")
     parser.add_argument("--resize", type=int, default=None, metavar="SIDE",
-                        help="image files: resize the shorter side to SIDE and center-crop SIDE x SIDE")
+                        help="image files: resize the shorter side to SIDE and center-crop SIDE x SIDE; "
+                             "None: keep sizes")
     parser.add_argument("--workers", type=int, default=-1, metavar="N", help="writer processes (-1: all cores)")
     parser.add_argument("--force", action="store_true", help="overwrite existing .beton files")
     parser.add_argument("--download", action="store_true",
                         help="fetch the official files for a dataset word (MD5-checked, resumable)")
     parser.add_argument("--download-dir", default=None, metavar="DIR",
-                        help="where official files are looked for and downloaded to (default: OUT/downloads)")
+                        help="where official files are looked for and downloaded to; None: OUT/downloads")
     parser.add_argument("--mirror", default=None, metavar="URL",
-                        help="fetch official files from URL/<filename> instead of their home sites")
+                        help="fetch official files from URL/<filename>; None: from their home sites")
     parser.add_argument("--skip-corrupt", action="store_true",
                         help="leave out images that fail to decode (listed at the end and in the sidecar)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
