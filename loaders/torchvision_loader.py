@@ -100,10 +100,9 @@ class _Samples(Dataset):
             return torch.from_numpy(np.array(im.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, item):
-        i, repeat = item
+        i, repeat, key = item
         image = self._load(i)
         if isinstance(self.transform, TrainTransform):
-            key = self.transform.keys(torch.tensor([i]), self.epoch, torch.tensor([repeat]))[0]
             if self.style == "pil":
                 import random
 
@@ -111,27 +110,29 @@ class _Samples(Dataset):
 
                 if self.pil is None:
                     self.pil = pil_pipeline(self.transform.data, image.shape[-2])
-                torch.manual_seed(int(key))
-                random.seed(int(key))
+                torch.random.default_generator.manual_seed(key)     # CPU generator only: cheap per sample
+                random.seed(key)
                 out = self.pil(Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())))
                 image = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous()
             else:
-                image = augment_one(image, key, self.transform.data)
+                image = augment_one(image, torch.tensor(key, dtype=torch.int64), self.transform.data)
         return image, int(self.labels[i]), i, repeat
 
 
 class _PlanBatches:
-    """Batch sampler: the rank's share of the plan as lists of (index, repeat)."""
+    """Batch sampler: the rank's share of the plan as lists of (index, repeat, key) — keys computed per epoch in
+    one vectorized call, not per sample in the workers."""
 
-    def __init__(self, order: np.ndarray, repeats: np.ndarray, per: int):
-        self.order, self.repeats, self.per = order, repeats, per
+    def __init__(self, order: np.ndarray, repeats: np.ndarray, keys: np.ndarray, per: int):
+        self.order, self.repeats, self.keys, self.per = order, repeats, keys, per
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.per)
 
     def __iter__(self):
         for s in range(0, len(self.order), self.per):
-            yield list(zip(self.order[s:s + self.per].tolist(), self.repeats[s:s + self.per].tolist()))
+            sl = slice(s, s + self.per)
+            yield list(zip(self.order[sl].tolist(), self.repeats[sl].tolist(), self.keys[sl].tolist()))
 
 
 def _collate(items):
@@ -189,7 +190,11 @@ class TorchvisionLoader:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
         repeats = plan_repeats(self.plan, self.rank, self.world_size, start_step)
         dataset = _Samples(self.images, self.labels, self.files, self.transform, epoch, self.style)
-        loader = DataLoader(dataset, batch_sampler=_PlanBatches(order, repeats, self.plan.per_rank_batch(
+        if isinstance(self.transform, TrainTransform):
+            keys = self.transform.keys(torch.from_numpy(order), epoch, torch.from_numpy(repeats)).numpy()
+        else:
+            keys = np.zeros(len(order), dtype=np.int64)
+        loader = DataLoader(dataset, batch_sampler=_PlanBatches(order, repeats, keys, self.plan.per_rank_batch(
             self.world_size)), num_workers=self.num_workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda")
         for images, labels, index, repeat in loader:
