@@ -2,6 +2,7 @@
 per implementation, on the CIFAR ViT shapes by default (k = 8, C = 192, m = 64, H = 512):
 
     python -m bench.heads [--device cpu|cuda] [--batch 1024] [--mode l1|ce|cbr] [--out-json F]
+    python -m bench.heads --full-step [--compile-model] ...   # the model's training step +- drloc: overhead %
 
 Variants: eager      = engine.tasks.drloc as it runs today (torch.randint pairs, DrlocHead on gathered pairs,
                        kernels.drloc_reference loss) — the reference pipeline;
@@ -25,7 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
+from engine.models import create_model
 from engine.tasks.drloc import DrlocHead
 from kernels import dispatch
 from kernels import drloc_reference as ref
@@ -72,20 +75,25 @@ def build_steps(head: DrlocHead, mode: str, k: int, m: int, device: torch.device
 
 
 class StepTimer:
-    """Runs one variant's step (forward + backward, gradients cleared between steps) and times batches of steps."""
+    """Runs one variant's step (forward + backward, gradients cleared between steps) and times batches of steps.
+    loss_of(seed) builds the loss; `clear` holds the modules and leaf tensors whose gradients are reset."""
 
-    def __init__(self, step, tokens_full: torch.Tensor, head: DrlocHead, autocast_dtype: torch.dtype | None):
-        self.step, self.tokens, self.head, self.autocast_dtype = step, tokens_full, head, autocast_dtype
+    def __init__(self, loss_of: Callable[[int], torch.Tensor], clear: list, device: torch.device,
+                 autocast_dtype: torch.dtype | None):
+        self.loss_of, self.clear, self.device, self.autocast_dtype = loss_of, clear, device, autocast_dtype
         self.seed = 0
-        self.sync = torch.cuda.synchronize if tokens_full.device.type == "cuda" else (lambda: None)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def one(self) -> None:
         self.seed += 1
-        self.tokens.grad = None
-        self.head.zero_grad(set_to_none=True)
-        dev = self.tokens.device.type
-        with torch.autocast(dev, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            loss = self.step(self.tokens[:, 1:], self.seed)
+        for item in self.clear:
+            if isinstance(item, torch.nn.Module):
+                item.zero_grad(set_to_none=True)
+            else:
+                item.grad = None
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            loss = self.loss_of(self.seed)
         loss.backward()
 
     def ms_per_step(self, steps: int) -> float:
@@ -125,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--variants", default="", help="comma list to run a subset (eager,compile,fused_torch,triton)")
+    ap.add_argument("--full-step", action="store_true",
+                    help="time the model's training forward+backward without drloc and with each variant")
+    ap.add_argument("--model", default="vit_cifar", help="registered model for --full-step")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--compile-model", action="store_true", help="--full-step: torch.compile the model")
     ap.add_argument("--out-json", default="")
     args = ap.parse_args(argv)
 
@@ -146,21 +159,48 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"--variants: unknown or unavailable on {device}: {sorted(unknown)}")
         variants = {name: variants[name] for name in wanted}
 
-    timers = {name: StepTimer(step, tokens, head, autocast_dtype) for name, step in variants.items()}
+    if args.full_step:
+        # the whole training forward/backward of the model, without drloc and with each drloc variant
+        model = create_model(args.model).to(device)
+        forward = torch.compile(model.forward_with_tokens) if args.compile_model else model.forward_with_tokens
+        images = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+        labels = torch.randint(0, 10, (args.batch,), device=device)
+
+        def full(step):
+            def loss_of(seed):
+                out = forward(images)
+                loss = F.cross_entropy(out.logits, labels)
+                return loss if step is None else loss + 0.1 * step(out.patch_tokens, seed)
+            return loss_of
+        timers = {"no_drloc": StepTimer(full(None), [model, head], device, autocast_dtype)}
+        timers.update({name: StepTimer(full(step), [model, head], device, autocast_dtype)
+                       for name, step in variants.items()})
+        base_name, title = "no_drloc", f"training fwd+bwd of {args.model}{' (compiled)' if args.compile_model else ''}"
+    else:
+        timers = {name: StepTimer(lambda seed, step=step: step(tokens[:, 1:], seed), [tokens, head], device,
+                                  autocast_dtype) for name, step in variants.items()}
+        base_name, title = "eager", "drloc step fwd+bwd"
     rows = {}
     for name, times in time_variants(timers, steps_per_repeat, args.repeats, args.warmup).items():
         rows[name] = {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
                       "repeats_ms": times}
-    base = rows.get("eager", {}).get("median_ms")
-    print(f"drloc step fwd+bwd, {device} {precision}, B={args.batch} k={k} C={args.dim} m={args.pairs} "
+    base = rows.get(base_name, {}).get("median_ms")
+    print(f"{title}, {device} {precision}, B={args.batch} k={k} C={args.dim} m={args.pairs} "
           f"H={args.hidden} mode={args.mode}; median of {args.repeats} x {steps_per_repeat} steps")
-    print(f"{'variant':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {'vs eager':>9}")
+    last = "overhead" if args.full_step else "vs eager"
+    print(f"{'variant':<12} {'median ms':>10} {'min ms':>9} {'max ms':>9} {last:>9}")
     for name, r in rows.items():
-        speed = f"{base / r['median_ms']:.2f}x" if base else "-"
-        print(f"{name:<12} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {speed:>9}")
+        if not base:
+            rel = "-"
+        elif args.full_step:
+            rel = f"{100 * (r['median_ms'] / base - 1):+.1f}%"
+        else:
+            rel = f"{base / r['median_ms']:.2f}x"
+        r["relative"] = rel
+        print(f"{name:<12} {r['median_ms']:>10.3f} {r['min_ms']:>9.3f} {r['max_ms']:>9.3f} {rel:>9}")
 
     report = {
-        "bench": "drloc_head_step",
+        "bench": "drloc_full_step" if args.full_step else "drloc_head_step",
         "utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
@@ -168,11 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "config": {"batch": args.batch, "grid": k, "dim": args.dim, "pairs": args.pairs, "hidden": args.hidden,
                    "mode": args.mode, "precision": precision, "steps": steps_per_repeat,
-                   "repeats": args.repeats, "warmup": args.warmup},
+                   "repeats": args.repeats, "warmup": args.warmup, "full_step": args.full_step,
+                   "model": args.model if args.full_step else None, "compile_model": args.compile_model},
         "results": rows,
     }
     out = Path(args.out_json) if args.out_json else RESULTS / (
-        f"heads_{device.type}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json")
+        f"{'full_step' if args.full_step else 'heads'}_{device.type}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
