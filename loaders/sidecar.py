@@ -5,11 +5,15 @@
       "format": 1, "dataset": "cifar10", "split": "train",
       "classes": ["airplane", ...], "num_classes": 10, "num_images": 50000,
       "class_counts": [5000, ...],
-      "image": {"mode": "raw", "height": 32, "width": 32, "jpeg_quality": null, "max_resolution": null},
+      "image": {"mode": "raw", "height": 32, "width": 32, "jpeg_quality": null, "max_resolution": null,
+                "min_size": [32, 32], "max_size": [32, 32]},     # height/width are null when sizes vary
       "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.243, 0.261],   # per channel, fractions of 255
-      "source": {"path": "...", "sha256": "..."},
-      "created": "2026-11-23T23:59:00Z", "bytes": 153600000
+      "source": {"path": "...", "sha256": "...", ...},                   # + format facts (labels: fine/coarse)
+      "skipped": [{"index": 17, "file": "...", "reason": "..."}],        # --skip-corrupt leftovers, usually []
+      "created": "2026-11-24T23:59:00Z", "bytes": 153600000, "seconds": 12.3
     }
+mean/std are exact (integer pixel histograms) over the pixels as stored, after any --resize/--max-resolution;
+in JPEG mode they describe the pixels before encoding.
 """
 from __future__ import annotations
 
