@@ -1,6 +1,8 @@
 """The real CIFAR-10 copy in ../shared/data (an ImageFolder of JPEGs inside a tar.gz): all 60,000 images converted
 straight from the archive, 5,000 / 1,000 per class, and the channel means the writer computed within 0.01 of the
-well-known CIFAR-10 values. Skips when the file is absent. Over a minute on two cores, hence `slow`."""
+well-known CIFAR-10 values. Skips when the file is absent. About 40 s on two busy cores (not marked slow).
+The extracted-folder path runs the same ImageFolder reader over a DirTree; it is covered on generated data in
+test_convert_formats.py::test_cifar10_jpg_imagefolder_layout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +18,6 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 CIFAR10_MEAN = (0.491, 0.482, 0.447)
 
 
-@pytest.mark.slow
 def test_real_cifar10_jpg_archive(tmp_path, capsys):
     if not CIFAR10_JPG.is_file():
         pytest.skip(f"{CIFAR10_JPG} absent (the real CIFAR-10 copy; see ../shared/data/README.md)")
