@@ -193,3 +193,12 @@ def test_killed_conversion_temporary_is_removed_next_time(tmp_path, capsys):
     rc, _, err = run_convert_cli(capsys, str(tmp_path / "train.npz"), "--out", str(out))
     assert rc == 0, err
     assert listing(out) == ["train.beton", "train.beton.json"]
+
+
+def test_corrupt_first_image_with_mode_auto(tmp_path, capsys):
+    """Mode auto peeks at the first image; a corrupt one is still reported by the writer with its name."""
+    make_imagefolder(tmp_path / "set", {"train": 2}, ["a", "b"])
+    bad = tmp_path / "set" / "train" / "a" / "0000.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "out"))
+    assert_refused(rc, err, tmp_path / "out", str(bad), "sample 0 of train")

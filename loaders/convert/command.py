@@ -66,15 +66,21 @@ def parse_splits(text: Optional[str]) -> Optional[list[str]]:
 
 
 def choose_mode(requested: str, sources: dict, resize: Optional[int], max_resolution: Optional[int]) -> str:
-    """'raw' or 'jpg'; 'auto' looks at the first image of the first split (after --resize/--max-resolution)."""
+    """'raw' or 'jpg'; 'auto' looks at the first decodable image of the first split (after --resize and
+    --max-resolution). Images that fail to decode here are left for the writer to report (or skip)."""
     if requested != "auto":
         return requested
     first = next(iter(sources.values()))
-    image, _ = first[0]
-    side = max(image.shape[:2])
-    if max_resolution:
-        side = min(side, max_resolution)
-    return "raw" if side <= AUTO_RAW_MAX_SIDE else "jpg"
+    for i in range(min(len(first), 16)):
+        try:
+            image, _ = first[i]
+        except Exception:  # noqa: BLE001 - the writer names the file when it meets it
+            continue
+        side = max(image.shape[:2])
+        if max_resolution:
+            side = min(side, max_resolution)
+        return "raw" if side <= AUTO_RAW_MAX_SIDE else "jpg"
+    return "raw"
 
 
 def _human_bytes(n: float) -> str:
@@ -144,6 +150,9 @@ def run_convert(args: argparse.Namespace) -> int:
     except (DatasetFileError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as exc:  # disk full, permissions: not the input's fault, still one line and nothing written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
         return EXIT_INTERRUPTED
