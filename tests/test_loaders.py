@@ -169,7 +169,12 @@ def test_dali_jpeg_matches_ffcv_decode(betons):
         assert levels.mean() < 2.0 and levels.max() <= 16               # DALI's IDCT/upsampling vs libjpeg's
 
 
-@pytest.mark.parametrize("kind", ["resident", "dali", "torchvision"])
+_NO_REPEAT = pytest.mark.xfail(strict=True, reason="ResidentLoader/FFCVLoader.epoch do not pass repeat numbers "
+                                                   "to the transform yet (see loaders.transforms.pipeline.plan_repeats)")
+
+
+@pytest.mark.parametrize("kind", [pytest.param("resident", marks=_NO_REPEAT), pytest.param("ffcv", marks=_NO_REPEAT),
+                                  "dali", "torchvision"])
 def test_repeats_draw_different_augmentation(betons, kind):
     mode = "jpg" if kind == "dali" else "raw"
     data = _data(betons[mode], kind, repeats=3, auto_augment="cifar10", drop_last=False, batch_size=15)
@@ -179,8 +184,6 @@ def test_repeats_draw_different_augmentation(betons, kind):
         for i, img in zip(b.index.tolist(), b.images):
             by_sample.setdefault(i, []).append(img)
     assert all(len(v) == 3 for v in by_sample.values())
-    if kind == "resident":
-        pytest.xfail("ResidentLoader does not pass repeat numbers to the transform yet (lead: see report)")
     same = sum(torch.equal(v[0], v[1]) or torch.equal(v[1], v[2]) for v in by_sample.values())
     assert same <= 3   # only the rare draw where both repeats happen to pick identity ops and the same crop
 
