@@ -169,6 +169,14 @@ def test_dali_jpeg_matches_ffcv_decode(betons):
         assert levels.mean() < 2.0 and levels.max() <= 16               # DALI's IDCT/upsampling vs libjpeg's
 
 
+def test_dali_raw_beton_passes_pixels_through_exactly(betons):
+    data = _data(betons["raw"], "dali", auto_augment="cifar10", mixup_alpha=1.0)
+    d, _ = build_loader(data, True, 2, torch.device("cpu"))
+    r, _ = build_loader(dataclasses.replace(data, loader="resident"), True, 2, torch.device("cpu"))
+    for x, y in zip(_collect(d, 0), _collect(r, 0)):
+        assert torch.equal(x.images, y.images) and torch.equal(x.soft_labels, y.soft_labels)
+
+
 _NO_REPEAT = pytest.mark.xfail(strict=True, reason="ResidentLoader/FFCVLoader.epoch do not pass repeat numbers "
                                                    "to the transform yet (see loaders.transforms.pipeline.plan_repeats)")
 
