@@ -159,7 +159,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     """-> 0 (verified or just described), 1 when --verify found a mismatch, 2 for an unusable file."""
     path = Path(args.path)
     if path.suffix != ".beton":
-        print(f"error: {path}: not a .beton file", file=sys.stderr)
+        print(f"smallvit: error: {path}: not a .beton file", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         if not path.is_file():
@@ -184,7 +184,7 @@ def run_inspect(args: argparse.Namespace) -> int:
                   f"match the sidecar")
         return 0
     except DatasetFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"smallvit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 def assert_refused(rc: int, err: str, out_dir: Path, *named: str) -> None:
     assert rc == 2
     lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert len(lines) == 1 and lines[0].startswith("smallvit: error: "), err
     for text in named:
         assert text in lines[0], (text, lines[0])
     assert [p for p in listing(out_dir) if p != "downloads"] == [], listing(out_dir)

@@ -97,7 +97,7 @@ def test_bad_files(converted, capsys, tmp_path, case):
         path = tmp_path / "model.pt"
         path.write_bytes(b"x")
         rc, out, err = inspect(capsys, str(path))
-        assert rc == 2 and err.strip() == f"error: {path}: not a .beton file"
+        assert rc == 2 and err.strip() == f"smallvit: error: {path}: not a .beton file"
     elif case == "missing":
         rc, _, err = inspect(capsys, str(tmp_path / "nope.beton"))
         assert rc == 2 and "nope.beton: no such file" in err

@@ -148,10 +148,10 @@ def run_convert(args: argparse.Namespace) -> int:
             print(line)
         return 0
     except (DatasetFileError, FileExistsError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"smallvit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except OSError as exc:  # disk full, permissions: not the input's fault, still one line and nothing written
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"smallvit: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: nothing written", file=sys.stderr)
