@@ -10,8 +10,8 @@ Variants: eager      = engine.tasks.drloc as it runs today (torch.randint pairs,
           fused_torch = kernels.drloc_head.FusedPairLoss with its PyTorch ops (project once, gather-add);
           triton     = kernels.dispatch with backend='triton' (CUDA only; the CPU interpreter is not a speed path).
 Each variant: warm-up steps, then `--repeats` timings of `--steps` steps, variants interleaved round-robin; the
-table gives the median ms per step and the spread (min, max over repeats). Results go to bench/results/heads_<device>_<UTC time>.json unless
---out-json says otherwise.
+table gives the median ms per step and the spread (min, max over repeats). Results go to
+bench/results/{heads|full_step}_<device>_<UTC time>.json unless --out-json says otherwise.
 """
 from __future__ import annotations
 
@@ -217,8 +217,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "model": args.model if args.full_step else None, "compile_model": args.compile_model},
         "results": rows,
     }
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out_json) if args.out_json else RESULTS / (
-        f"{'full_step' if args.full_step else 'heads'}_{device.type}_{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json")
+        f"{'full_step' if args.full_step else 'heads'}_{device.type}_{stamp}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
