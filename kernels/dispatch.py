@@ -69,13 +69,14 @@ class HeadParams:
         return cls.from_linears(layers[0], layers[2], outs)
 
 
-def drloc_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int,
+def drloc_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int | torch.Tensor,
                             device: torch.device | str, backend: str = "auto", float_targets: bool = False
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """p_i, p_j (B, m) int64 flat grid positions (row * k + col), uniform over the k*k grid, independent, with
     replacement; target (B, m, 2) offsets (rows, cols) of p_i relative to p_j in grid cells: |Δ| with use_abs,
     else Δ + (k-1); int64 class indices, or float32 with float_targets (the 'l1' regression targets).
-    Both backends return the same values for the same seed."""
+    Both backends return the same values for the same seed. seed: a Python int, or a 0-dim integer tensor (on the
+    device: hashed there and read by the kernel, so a CUDA-graph replay draws fresh pairs when the tensor changes)."""
     device = torch.device(device)
     if resolve_backend(backend, device) == "torch":
         return ref.counter_pairs_and_targets(batch, k, m, use_abs, seed, device, float_targets)

@@ -109,13 +109,17 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def drloc_seed_key(seed: int) -> int:
-    """The 32-bit key every pair of one draw derives from (computed on the host, passed to the kernel).
-    All 64 low bits of `seed` count (engine step seeds are up to 2**63)."""
+def drloc_seed_key(seed: int | torch.Tensor) -> int | torch.Tensor:
+    """The 32-bit key every pair of one draw derives from. All 64 low bits of `seed` count (engine step seeds are
+    up to 2**63). A Python int gives an int (computed on the host, a kernel argument); a 0-dim int64 tensor gives
+    a 0-dim tensor on its device, computed there without a host sync (a CUDA-graph-replayable seed)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(torch.int64)
+        return hash32(hash32(hash32(seed) ^ ((seed >> 32) & MASK32)) ^ DRLOC_SALT)
     return hash32_int(hash32_int(hash32_int(seed) ^ ((seed >> 32) & MASK32)) ^ DRLOC_SALT)
 
 
-def counter_pair_positions(batch: int, k: int, m: int, seed: int,
+def counter_pair_positions(batch: int, k: int, m: int, seed: int | torch.Tensor,
                            device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """p_i, p_j: (B, m) int64 flat positions in [0, k*k), uniform, independent, with replacement.
 
@@ -127,7 +131,8 @@ def counter_pair_positions(batch: int, k: int, m: int, seed: int,
     if not 1 <= n < 2 ** 31:
         raise ValueError(f"grid side k={k} out of range for pair sampling")
     b = torch.arange(batch, dtype=torch.int64, device=device)
-    image_key = hash32(drloc_seed_key(seed) ^ b)[:, None, None]                       # (B, 1, 1)
+    key = drloc_seed_key(seed.to(device) if isinstance(seed, torch.Tensor) else seed)
+    image_key = hash32(key ^ b)[:, None, None]                                           # (B, 1, 1)
     c = (2 * torch.arange(m, dtype=torch.int64, device=device))[:, None] + torch.arange(2, device=device)
     c = c[None]                                                                          # (1, m, 2)
     bits = hash32(hash32(image_key ^ ((c * COUNTER_MUL) & MASK32)) ^ c)                 # (B, m, 2)
@@ -135,7 +140,7 @@ def counter_pair_positions(batch: int, k: int, m: int, seed: int,
     return pos[..., 0], pos[..., 1]
 
 
-def counter_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int,
+def counter_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int | torch.Tensor,
                               device: torch.device | str = "cpu", float_targets: bool = False
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The torch twin of the fused sampling + target kernel: p_i, p_j (B, m) int64 and offsets (B, m, 2)

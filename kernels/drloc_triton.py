@@ -87,13 +87,18 @@ def _hash32(x):
 
 
 @triton.jit(do_not_specialize=["seed_key"])
-def _pairs_and_targets_kernel(pi_ptr, pj_ptr, tgt_ptr, seed_key, rows, m, k, USE_ABS: tl.constexpr,
-                              FLOAT_TARGETS: tl.constexpr, COUNTER_MUL: tl.constexpr, BLOCK: tl.constexpr):
+def _pairs_and_targets_kernel(pi_ptr, pj_ptr, tgt_ptr, seed_key, key_ptr, rows, m, k, KEY_IN_MEMORY: tl.constexpr,
+                              USE_ABS: tl.constexpr, FLOAT_TARGETS: tl.constexpr, COUNTER_MUL: tl.constexpr,
+                              BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = r < rows
     b = r // m
     t = r - b * m
-    image_key = _hash32(seed_key.to(tl.uint32) ^ b.to(tl.uint32))
+    if KEY_IN_MEMORY:       # the key as a device scalar (int64 holding 32 bits): no host value baked into a graph
+        key = tl.load(key_ptr).to(tl.uint32)
+    else:
+        key = seed_key.to(tl.uint32)
+    image_key = _hash32(key ^ b.to(tl.uint32))
     c_i = (2 * t).to(tl.uint32)
     c_j = c_i + 1
     bits_i = _hash32(_hash32(image_key ^ (c_i * COUNTER_MUL).to(tl.uint32)) ^ c_i)
@@ -117,20 +122,23 @@ def _pairs_and_targets_kernel(pi_ptr, pj_ptr, tgt_ptr, seed_key, rows, m, k, USE
     tl.store(tgt_ptr + 2 * r + 1, d_col, mask=mask)
 
 
-def pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int, device: torch.device,
+def pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int | torch.Tensor, device: torch.device,
                       float_targets: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """p_i, p_j (B, m) int64 and targets (B, m, 2) int64 (or float32), equal to the torch twin's."""
+    """p_i, p_j (B, m) int64 and targets (B, m, 2) int64 (or float32), equal to the torch twin's.
+    seed: a Python int, or a 0-dim integer tensor (hashed on its device; read by the kernel from memory)."""
     if not 1 <= k * k < 2 ** 31:
         raise ValueError(f"grid side k={k} out of range for pair sampling")
     p_i = torch.empty(batch, m, dtype=torch.int64, device=device)
     p_j = torch.empty_like(p_i)
     target = torch.empty(batch, m, 2, dtype=torch.float32 if float_targets else torch.int64, device=device)
     rows = batch * m
+    in_memory = isinstance(seed, torch.Tensor)
+    key = drloc_seed_key(seed.to(device)).reshape(1) if in_memory else p_i   # p_i: an unread placeholder pointer
     if rows:
         block = 256
         _pairs_and_targets_kernel[(triton.cdiv(rows, block),)](
-            p_i, p_j, target, drloc_seed_key(seed), rows, m, k, USE_ABS=use_abs, FLOAT_TARGETS=float_targets,
-            COUNTER_MUL=COUNTER_MUL, BLOCK=block)
+            p_i, p_j, target, 0 if in_memory else drloc_seed_key(seed), key, rows, m, k, KEY_IN_MEMORY=in_memory,
+            USE_ABS=use_abs, FLOAT_TARGETS=float_targets, COUNTER_MUL=COUNTER_MUL, BLOCK=block)
     return p_i, p_j, target
 
 

@@ -52,12 +52,13 @@ def compiled_kernels():
 
 
 @pytest.mark.parametrize("sizes", [dict(rows=4096, m=64, k=8), dict(rows=1, m=1, k=1), dict(rows=35, m=7, k=5)])
-@pytest.mark.parametrize("use_abs,float_targets", [(True, True), (False, False)])
-def test_pairs_and_targets_kernel_compiles(compiled_kernels, sizes, use_abs, float_targets):
+@pytest.mark.parametrize("use_abs,float_targets,key_in_memory", [(True, True, False), (False, False, True)])
+def test_pairs_and_targets_kernel_compiles(compiled_kernels, sizes, use_abs, float_targets, key_in_memory):
     _compile(compiled_kernels._pairs_and_targets_kernel,
              dict(pi_ptr="*i64", pj_ptr="*i64", tgt_ptr="*fp32" if float_targets else "*i64", seed_key=2 ** 32 - 5,
-                  **sizes),
-             dict(USE_ABS=use_abs, FLOAT_TARGETS=float_targets, COUNTER_MUL=COUNTER_MUL, BLOCK=256))
+                  key_ptr="*i64", **sizes),
+             dict(KEY_IN_MEMORY=key_in_memory, USE_ABS=use_abs, FLOAT_TARGETS=float_targets,
+                  COUNTER_MUL=COUNTER_MUL, BLOCK=256))
 
 
 @pytest.mark.parametrize("dtype,acc", [("bf16", "fp32"), ("fp32", "fp32"), ("fp64", "fp64")])

@@ -85,12 +85,19 @@ def test_pairs_and_targets_kernel_equals_torch_twin(device, batch, k, m, use_abs
         # the targets are the reference offsets of those positions (METHODS.md C)
         offsets = ref.pair_offset_targets(got[0], got[1], k, use_abs)
         assert torch.equal(got[2], offsets.to(got[2].dtype))
+        # a device-tensor seed (CUDA-graph friendly) draws the same pairs on both backends
+        seed_t = torch.tensor(seed, dtype=torch.int64, device=device)
+        for backend in ("triton", "torch"):
+            from_tensor = dispatch.drloc_pairs_and_targets(batch, k, m, use_abs, seed_t, device, backend,
+                                                           float_targets)
+            assert all(torch.equal(a, b) for a, b in zip(from_tensor, want)), backend
 
 
 def test_positions_are_a_function_of_seed_image_and_pair_only():
     p_big, q_big = ref.counter_pair_positions(10, 6, 8, seed=3)
     p_small, q_small = ref.counter_pair_positions(4, 6, 5, seed=3)
     assert torch.equal(p_big[:4, :5], p_small) and torch.equal(q_big[:4, :5], q_small)
+    assert ref.drloc_seed_key(-5) == int(ref.drloc_seed_key(torch.tensor(-5)))
     for other in (4, 3 + 2 ** 32, 3 + 2 ** 62):     # high seed bits count too
         p_other, _ = ref.counter_pair_positions(10, 6, 8, seed=other)
         assert (p_other != p_big).float().mean() > 0.9
