@@ -1,8 +1,9 @@
 """Triton kernels of the fused drloc path (METHODS.md C) and their launchers.
 
-Do not import this module directly: `kernels.triton_runtime.load_drloc_kernels()` loads it once in compiled mode
-and once in interpreter mode (Triton fixes the mode when `@triton.jit` runs, at import), so a process can run the
-interpreter on CPU tensors and compiled kernels on CUDA tensors whatever was imported first.
+Do not import this module directly: `kernels.triton_runtime.load_kernels("kernels.drloc_triton", device, ...)`
+loads it once in compiled mode and once in interpreter mode (Triton fixes the mode when `@triton.jit` runs, at
+import), so a process can run the interpreter on CPU tensors and compiled kernels on CUDA tensors whatever was
+imported first.
 
 Kernels (R = B*m pair rows, N = k*k tokens per image, H hidden units):
 - pairs_and_targets: counter-hashed p_i, p_j (B, m) and their offsets (B, m, 2), the twin of
