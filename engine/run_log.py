@@ -81,7 +81,8 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_ylim(0, 100)
-    ax_acc.legend()
+    if evals:
+        ax_acc.legend()
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.stem}.tmp.png")

@@ -30,11 +30,12 @@ from torch import nn
 
 from engine import checkpoint
 from engine.config import Config, ConfigError, load_config, to_dict
-from engine.models import ModelOutput, create_model
+from engine.models import create_model
+from engine.models.pretrained import load_backbone_weights, read_state_dict
 from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
 from engine.schedule import lr_at
-from engine.tasks import build_tasks
+from engine.tasks import build_tasks, class_ce, effective_epochs
 from loaders.batch import Batch
 from loaders.factory import build_loader, preflight
 
@@ -61,12 +62,8 @@ class TrainModule(nn.Module):
         """-> (total loss scalar, {name: detached scalar} for the logs)."""
         views = [v for task in self.tasks for v in task.extra_views(batch)]
         images = torch.cat([batch.images, *views]) if views else batch.images
-        out = self.model.forward_with_tokens(images)
-        outputs = split_output(out, 1 + len(views))
-        if batch.soft_labels is not None:
-            cls_loss = torch.sum(-batch.soft_labels * F.log_softmax(outputs[0].logits.float(), dim=-1), -1).mean()
-        else:
-            cls_loss = F.cross_entropy(outputs[0].logits.float(), batch.labels, label_smoothing=self.label_smoothing)
+        outputs = self.model.forward_with_tokens(images).split(1 + len(views))
+        cls_loss = class_ce(outputs[0].logits, batch.labels, batch.soft_labels, self.label_smoothing)
         total = cls_loss
         parts = {"cls_loss": cls_loss.detach()}
         for task in self.tasks:
@@ -77,12 +74,14 @@ class TrainModule(nn.Module):
         return total, parts
 
 
-def split_output(out: ModelOutput, n: int) -> list[ModelOutput]:
-    """Split a forward over n stacked views of one batch back into n outputs."""
-    if n == 1:
-        return [out]
-    return [ModelOutput(logits=lg, tokens=tk, num_prefix=out.num_prefix, grid=out.grid)
-            for lg, tk in zip(out.logits.chunk(n), out.tokens.chunk(n))]
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average scalar tensors over all ranks (one all-reduce) -> floats, for the logs."""
+    names = list(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
@@ -152,8 +151,10 @@ def train(cfg: Config) -> dict:
     channels_last = cfg.engine.channels_last and rt.device.type == "cuda"
 
     # ---- data
+    perceptibility = cfg.tasks.perceptibility if cfg.tasks.perceptibility.enabled else None
     train_loader, meta = build_loader(cfg.data, True, cfg.run.seed, rt.device, rt.rank, rt.world_size,
-                                      torch.float32, channels_last)
+                                      torch.float32, channels_last, label_smoothing=cfg.optim.label_smoothing,
+                                      perceptibility=perceptibility)
     test_loader, _ = build_loader(cfg.data, False, cfg.run.seed, rt.device, rt.rank, rt.world_size,
                                   torch.float32, channels_last)
     num_classes = cfg.model.num_classes or meta["num_classes"]
@@ -164,6 +165,13 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.run.seed)
     model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
                          spt=cfg.model.spt, lsa=cfg.model.lsa)
+    if cfg.model.pretrained:
+        report = load_backbone_weights(model, read_state_dict(cfg.model.pretrained, cfg.model.pretrained_key))
+        if rt.is_main:
+            log.info("model.pretrained %s: %s", cfg.model.pretrained, report.summary())
+        if not report.loaded:
+            raise ConfigError(f"model.pretrained: no backbone weight of {cfg.model.pretrained} fits "
+                              f"{cfg.model.name} ({report.summary()})")
     tasks = build_tasks(cfg, model.embed_dim, model.grid_size)
     module = TrainModule(model, tasks, cfg.optim.label_smoothing)
     if channels_last:
@@ -180,7 +188,8 @@ def train(cfg: Config) -> dict:
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {meta['num_images']} "
                           f"training images (drop_last leaves no step)")
-    total_steps = cfg.optim.epochs * steps_per_epoch
+    total_steps = cfg.optim.epochs * steps_per_epoch     # the LR horizon; the loop may stop earlier (stop_at_101)
+    run_epochs = effective_epochs(cfg)
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
 
     # ---- resume
@@ -220,20 +229,20 @@ def train(cfg: Config) -> dict:
     stop = StopFlag()
     generator = torch.Generator(device=rt.device)
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    max_steps = cfg.run.max_steps or total_steps
+    max_steps = cfg.run.max_steps or run_epochs * steps_per_epoch
     last_eval: dict = {}
     progress = None
     if rt.is_main and cfg.run.progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=min(total_steps, max_steps), initial=global_step, unit="step", dynamic_ncols=True,
+        progress = tqdm(total=max_steps, initial=global_step, unit="step", dynamic_ncols=True,
                         file=sys.stdout)
     stop.install()
     try:
         t_start, seen = time.perf_counter(), 0
         exit_code = 0
         engine.train()
-        while epoch < cfg.optim.epochs and global_step < max_steps and exit_code == 0:
+        while epoch < run_epochs and global_step < max_steps and exit_code == 0:
             for batch in train_loader.epoch(epoch, step_in_epoch):
                 lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
                 for group in optimizer.param_groups:
@@ -256,10 +265,9 @@ def train(cfg: Config) -> dict:
                 step_in_epoch += 1
                 seen += len(batch) * rt.world_size
                 if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    record = {"kind": "train", "step": global_step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                              **{k: float(v) for k, v in parts.items()}}
+                    logged = mean_over_ranks({"loss": loss.detach(), **parts})
                     if run_log:
-                        run_log.write(record)
+                        run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **logged})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
@@ -268,17 +276,17 @@ def train(cfg: Config) -> dict:
                     break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints
             else:
                 # the epoch ran to its end
-                if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+                if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == run_epochs:
                     last_eval = evaluate(forward_model, test_loader, rt, torch.bfloat16 if bf16 else torch.float32)
                     best_top1 = max(best_top1, last_eval["top1"])
                     if run_log:
                         run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
                                        "best_top1": best_top1})
                     if progress is not None:
-                        progress.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: test top-1 {last_eval['top1']:.2f}% "
+                        progress.write(f"epoch {epoch + 1}/{run_epochs}: test top-1 {last_eval['top1']:.2f}% "
                                        f"(best {best_top1:.2f}%), loss {last_eval['loss']:.4f}")
                 epoch, step_in_epoch = epoch + 1, 0
-                if epoch % cfg.run.checkpoint_every == 0 or epoch == cfg.optim.epochs:
+                if epoch % cfg.run.checkpoint_every == 0 or epoch == run_epochs:
                     save_state()
                 continue
             # left the epoch early (a signal, or run.max_steps): checkpoint where we are

@@ -4,7 +4,8 @@ All tensors live on the training device. Units:
 - images: (B, 3, H, W) float, normalized with the dataset's mean/std from the sidecar, in the model's dtype and
   memory format (channels_last on CUDA).
 - labels: (B,) int64 class indices, always the original (unmixed) labels.
-- soft_labels: (B, num_classes) float, set when mixup/cutmix mixed the batch (rows sum to 1), else None.
+- soft_labels: (B, num_classes) float, set when mixup/cutmix mixed the batch (rows sum to 1), else None. They
+  already carry label smoothing (timm semantics), so the class loss on them is the plain soft-target CE.
 - index: (B,) int64 positions of the samples in the dataset (before repeats), for exact-once checks and resume.
 - params: the random parameters an auxiliary task uses as targets, each (B, ...) on the device:
     'translate'      (B, 2) float  dx, dy as fractions of width/height, from linspace(-m, m, 10)

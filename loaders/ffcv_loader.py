@@ -92,8 +92,9 @@ class FFCVLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
+        repeats = torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step))
         per = self.plan.per_rank_batch(self.world_size)
         for i, (images, labels) in enumerate(iterate_order(self.loader, order)):
             index = torch.from_numpy(order[i * per:i * per + len(labels)])
             yield self.transform(images.to(self.device, non_blocking=True), labels.to(self.device),
-                                 index.to(self.device), epoch)
+                                 index.to(self.device), epoch, repeats[i * per:i * per + len(labels)].to(self.device))

@@ -35,22 +35,33 @@ class EpochPlan:
         total = self.num_samples * self.repeats
         return total // self.global_batch if self.drop_last else -(-total // self.global_batch)
 
-    def rank_order(self, epoch: int, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
-        """The indices rank `rank` reads, batch after batch, from global step `start_step` to the epoch's end.
+    def rank_positions(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
+        """Positions in the epoch's concatenated permutations that rank `rank` reads, batch after batch, from
+        global step `start_step` to the epoch's end (position p belongs to repeat p // N).
 
         Each per-rank batch has global_batch // world_size samples (the last one may be shorter without
         drop_last). Raises ValueError when the global batch does not split evenly over the ranks.
         """
         if self.global_batch % world_size:
             raise ValueError(f"global batch {self.global_batch} does not split over {world_size} ranks")
-        per_rank = self.global_batch // world_size
-        perm = self.permutation(epoch)[: self.steps() * self.global_batch] if self.drop_last else self.permutation(epoch)
+        total = self.steps() * self.global_batch if self.drop_last else self.num_samples * self.repeats
         chunks = []
         for t in range(start_step, self.steps()):
-            step = perm[t * self.global_batch:(t + 1) * self.global_batch]
-            share = -(-len(step) // world_size)
-            chunks.append(step[rank * share:(rank + 1) * share])
+            step_start = t * self.global_batch
+            step_len = min(self.global_batch, total - step_start)
+            share = -(-step_len // world_size)
+            lo = step_start + min(rank * share, step_len)
+            hi = step_start + min((rank + 1) * share, step_len)
+            chunks.append(np.arange(lo, hi, dtype=np.int64))
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+    def rank_order(self, epoch: int, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
+        """The sample indices rank `rank` reads from global step `start_step` to the epoch's end."""
+        return self.permutation(epoch)[self.rank_positions(rank, world_size, start_step)]
+
+    def rank_repeats(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
+        """The repeat number (0..repeats-1) of each sample rank_order returns, in the same order."""
+        return self.rank_positions(rank, world_size, start_step) // self.num_samples
 
     def per_rank_batch(self, world_size: int) -> int:
         return self.global_batch // world_size

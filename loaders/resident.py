@@ -53,7 +53,8 @@ class ResidentLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = torch.from_numpy(self.plan.rank_order(epoch, self.rank, self.world_size, start_step))
         order = order.to(self.device)
+        repeats = torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step)).to(self.device)
         per = self.plan.per_rank_batch(self.world_size)
         for start in range(0, len(order), per):
             index = order[start:start + per]
-            yield self.transform(self.images[index], self.labels[index], index, epoch)
+            yield self.transform(self.images[index], self.labels[index], index, epoch, repeats[start:start + per])

@@ -177,12 +177,7 @@ def test_dali_raw_beton_passes_pixels_through_exactly(betons):
         assert torch.equal(x.images, y.images) and torch.equal(x.soft_labels, y.soft_labels)
 
 
-_NO_REPEAT = pytest.mark.xfail(strict=True, reason="ResidentLoader/FFCVLoader.epoch do not pass repeat numbers "
-                                                   "to the transform yet (see loaders.transforms.pipeline.plan_repeats)")
-
-
-@pytest.mark.parametrize("kind", [pytest.param("resident", marks=_NO_REPEAT), pytest.param("ffcv", marks=_NO_REPEAT),
-                                  "dali", "torchvision"])
+@pytest.mark.parametrize("kind", ["resident", "ffcv", "dali", "torchvision"])
 def test_repeats_draw_different_augmentation(betons, kind):
     mode = "jpg" if kind == "dali" else "raw"
     data = _data(betons[mode], kind, repeats=3, auto_augment="cifar10", drop_last=False, batch_size=15)

@@ -42,7 +42,15 @@ def read_state_dict(path: str | Path, key: str = "teacher") -> dict[str, torch.T
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"model.pretrained: checkpoint not found: {p}")
-    blob = torch.load(p, map_location="cpu", weights_only=False)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        blob = load_file(str(p))
+    else:
+        try:  # never unpickle arbitrary objects from a checkpoint
+            blob = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"model.pretrained: {p} does not load as plain tensors ({type(exc).__name__})") from None
     if key and isinstance(blob, dict) and key in blob:
         blob = blob[key]
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):

@@ -50,13 +50,14 @@ def schedule_epoch(epoch: float, per_step: bool) -> float:
 
 def class_ce(logits: torch.Tensor, labels: torch.Tensor, soft_labels: torch.Tensor | None,
              smoothing: float) -> torch.Tensor:
-    """Label-smoothed CE on plain or mixed labels, as the references compute it: with mixing,
-    lam * CE_ls(y_a) + (1 - lam) * CE_ls(y_b) = (1 - eps) * sum(soft * -log p) + eps * mean_c(-log p).
+    """The class loss of every pass, as the references compute it.
 
-    logits (B, K); labels (B,) int64; soft_labels (B, K) unsmoothed mixed one-hots (rows sum to 1) or None.
+    Plain labels: CE with label smoothing `smoothing`. Mixed labels: the soft labels from the loader's Mixup/CutMix
+    already carry the smoothing (timm semantics: lam*smooth(y_a) + (1-lam)*smooth(y_b)), so the loss is the plain
+    soft-target CE sum(soft * -log p), which equals lam*CE_ls(y_a) + (1-lam)*CE_ls(y_b) of the references.
+
+    logits (B, K); labels (B,) int64; soft_labels (B, K) smoothed mixed targets (rows sum to 1) or None.
     """
-    logp = F.log_softmax(logits.float(), dim=-1)
     if soft_labels is None:
         return F.cross_entropy(logits.float(), labels, label_smoothing=smoothing)
-    nll = -(soft_labels.float() * logp).sum(-1)
-    return ((1.0 - smoothing) * nll - smoothing * logp.mean(-1)).mean()
+    return -(soft_labels.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()

@@ -2,11 +2,16 @@
 
 It ships inside scikit-learn (no network), so the demo and the tests always have real images. 1,797 images,
 10 classes; the split is fixed (stratified, 20% test, seed 0): 1,437 train / 360 test.
-Each 8x8 pixel (0..16) becomes a 4x4 block of grey value round(v * 255 / 16).
+The 8x8 grid (values 0..16) is upscaled bilinearly (half-pixel centres, as torch's align_corners=False) and
+rounded to uint8 grey. Bilinear rather than nearest on purpose: with nearest, each 4x4 patch of the reference ViT
+is one flat grey value, so the model sees only intensities until its position embedding has grown, and learns
+digits several times slower (27% vs 77% test accuracy after the same 270 steps, measured).
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from loaders.convert.arrays import ArraySource  # noqa: F401 - re-exported (older imports)
 
@@ -23,9 +28,10 @@ def digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
     if split not in ("train", "test"):
         raise ValueError(f"digits has splits 'train' and 'test', not {split!r}")
     bunch = load_digits()
-    grey = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)           # (N, 8, 8)
-    big = grey.repeat(SIDE // 8, axis=1).repeat(SIDE // 8, axis=2)            # (N, 32, 32)
-    rgb = np.ascontiguousarray(np.repeat(big[..., None], 3, axis=3))          # (N, 32, 32, 3)
+    small = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]                     # (N, 1, 8, 8)
+    big = F.interpolate(small, size=(SIDE, SIDE), mode="bilinear", align_corners=False)[:, 0]   # (N, 32, 32)
+    grey = torch.round(big.clamp(0, 1) * 255.0).to(torch.uint8).numpy()
+    rgb = np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=3))                            # (N, 32, 32, 3)
     labels = bunch.target.astype(np.int64)
     idx = np.arange(len(labels))
     train_idx, test_idx = train_test_split(idx, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels)

@@ -46,19 +46,8 @@ def repeat_keys(keys: torch.Tensor, repeat: Optional[torch.Tensor]) -> torch.Ten
 
 
 def plan_repeats(plan, rank: int, world_size: int, start_step: int = 0) -> np.ndarray:
-    """The repeat number (0..repeats-1) of every sample loaders.order.EpochPlan.rank_order(...) returns, in the
-    same order: position p of the epoch's concatenated permutations belongs to repeat p // N."""
-    positions = np.arange(plan.num_samples * plan.repeats, dtype=np.int64)
-    if plan.drop_last:
-        positions = positions[: plan.steps() * plan.global_batch]
-    g = plan.global_batch
-    chunks = []
-    for t in range(start_step, plan.steps()):
-        step = positions[t * g:(t + 1) * g]
-        share = -(-len(step) // world_size)
-        chunks.append(step[rank * share:(rank + 1) * share])
-    pos = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    return pos // plan.num_samples
+    """The repeat number of every sample plan.rank_order(...) returns (see EpochPlan.rank_repeats)."""
+    return plan.rank_repeats(rank, world_size, start_step)
 
 
 class EvalTransform:
