@@ -58,7 +58,7 @@ class TrainModule(nn.Module):
         self.tasks = tasks
         self.label_smoothing = label_smoothing
 
-    def forward(self, batch: Batch, epoch: float, generator: torch.Generator | None = None):
+    def forward(self, batch: Batch, epoch: float, seed: int = 0):
         """-> (total loss scalar, {name: detached scalar} for the logs)."""
         views = [v for task in self.tasks for v in task.extra_views(batch)]
         images = torch.cat([batch.images, *views]) if views else batch.images
@@ -67,7 +67,7 @@ class TrainModule(nn.Module):
         total = cls_loss
         parts = {"cls_loss": cls_loss.detach()}
         for task in self.tasks:
-            res = task.compute(outputs, batch, epoch, generator)
+            res = task.compute(outputs, batch, epoch, seed)
             total = total + res.loss
             parts[f"{task.name}_loss"] = res.raw
             parts.update({f"{task.name}_{k}": v for k, v in res.metrics.items()})
@@ -227,7 +227,6 @@ def train(cfg: Config) -> dict:
             "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size}, rt.is_main)
 
     stop = StopFlag()
-    generator = torch.Generator(device=rt.device)
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     max_steps = cfg.run.max_steps or run_epochs * steps_per_epoch
     last_eval: dict = {}
@@ -249,9 +248,8 @@ def train(cfg: Config) -> dict:
                     group["lr"] = lr
                 seed = step_seed(cfg.run.seed, global_step, rt.rank)
                 torch.manual_seed(seed)
-                generator.manual_seed(seed)
                 with autocast:
-                    loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, generator)
+                    loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, seed)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     if cfg.engine.fail_on_nonfinite:

@@ -235,7 +235,7 @@ def test_drloc_and_translation_compose_on_one_model():
     assert len(views) == 1
     outs = outputs_for(model, batch)
     gen = torch.Generator().manual_seed(4)
-    results = [t.compute(outs, batch, 30.0, gen) for t in tasks]
+    results = [t.compute(outs, batch, 30.0, seed=4) for t in tasks]
     drloc = results[0]
     assert set(drloc.metrics) == {"pass0", "pass1"}               # drloc saw both passes
     total = sum(r.loss for r in results)
@@ -270,13 +270,13 @@ def train_perceptibility(kind: str, steps: int, fill: float, drloc: bool = False
     pool = ramp_images(256, gen)
     labels = torch.randint(0, 4, (256,), generator=gen)
     history: dict[str, list[float]] = {}
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, 256, (16,), generator=gen)
         batch = perceptibility_batch(pool[idx], labels[idx], kind, gen, fill=fill)
         outs = outputs_for(model, batch)
         loss = F.cross_entropy(outs[0].logits, batch.labels, label_smoothing=0.1)
         for task in tasks:
-            res = task.compute(outs, batch, epoch=60.0, generator=gen)
+            res = task.compute(outs, batch, epoch=60.0, seed=step)
             loss = loss + res.loss
             history.setdefault(task.name, []).append(float(res.raw))
             for key, value in res.metrics.items():

@@ -19,7 +19,7 @@ def build_tasks(cfg, embed_dim: int, grid: int) -> nn.ModuleList:
 
     tasks: list[AuxTask] = []
     if cfg.tasks.drloc.enabled:
-        tasks.append(DrlocTask(cfg.tasks.drloc, embed_dim, grid, cfg.optim.epochs))
+        tasks.append(DrlocTask(cfg.tasks.drloc, embed_dim, grid, cfg.optim.epochs, cfg.engine.kernels))
     if cfg.tasks.perceptibility.enabled:
         tasks.append(PerceptibilityTask(cfg.tasks.perceptibility, embed_dim, cfg.optim.epochs,
                                         cfg.optim.label_smoothing))

@@ -36,9 +36,12 @@ class AuxTask(nn.Module):
     def weight(self, epoch: float) -> float:
         raise NotImplementedError
 
-    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float,
-                generator: torch.Generator | None = None) -> TaskOutput:
-        """outputs[0] is the pass on batch.images, outputs[1:] the passes on extra_views in order."""
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
+        """outputs[0] is the pass on batch.images, outputs[1:] the passes on extra_views in order.
+
+        seed: an int that differs every step and rank (the loop's step seed); a task draws its random numbers
+        as a pure function of it, so a resumed run draws what the uninterrupted one drew.
+        """
         raise NotImplementedError
 
 

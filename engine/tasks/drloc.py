@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.models import ModelOutput
 from engine.tasks.base import AuxTask, TaskOutput, schedule_epoch
+from kernels import dispatch
 from kernels import drloc_reference as ref
 from loaders.batch import Batch
 
@@ -73,9 +74,11 @@ class DrlocHead(nn.Module):
 class DrlocTask(AuxTask):
     name = "drloc"
 
-    def __init__(self, cfg, embed_dim: int, grid: int, total_epochs: int):
+    def __init__(self, cfg, embed_dim: int, grid: int, total_epochs: int, kernels: str = "auto"):
+        """kernels: engine.kernels — 'auto' (Triton on CUDA, PyTorch elsewhere), 'triton' or 'torch'."""
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels
         self.grid = grid
         self.total_epochs = total_epochs
         self.head = DrlocHead(embed_dim, grid, cfg.mode, cfg.use_abs, cfg.hidden)
@@ -83,13 +86,14 @@ class DrlocTask(AuxTask):
     def weight(self, epoch: float) -> float:
         return drloc_weight(schedule_epoch(epoch, self.cfg.weight_per_step), self.cfg.lambda0, self.total_epochs)
 
-    def targets(self, out: ModelOutput, generator: torch.Generator | None = None):
-        """-> (p_i, p_j) (B, m) flat positions and offsets (B, m, 2) int64."""
+    def targets(self, out: ModelOutput, seed: int = 0):
+        """-> p_i, p_j (B, m) flat positions and their offsets (B, m, 2) (float for l1, class indices otherwise),
+        drawn as a pure function of (seed, image, pair) by the kernels dispatcher (same values on every backend)."""
         if out.grid != self.grid:
             raise ValueError(f"drloc head built for a {self.grid}x{self.grid} grid, the model gave {out.grid}")
-        b = out.tokens.shape[0]
-        p_i, p_j = ref.sample_pair_positions(b, out.grid, self.cfg.pairs, generator, out.tokens.device)
-        return p_i, p_j, ref.pair_offset_targets(p_i, p_j, out.grid, self.cfg.use_abs)
+        return dispatch.drloc_pairs_and_targets(out.tokens.shape[0], out.grid, self.cfg.pairs, self.cfg.use_abs,
+                                                seed, out.tokens.device, self.kernels,
+                                                float_targets=self.cfg.mode == "l1")
 
     def loss(self, pred: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
         if self.cfg.mode == "l1":
@@ -98,16 +102,16 @@ class DrlocTask(AuxTask):
             return ref.ce_loss(pred[0], pred[1], target)
         return ref.cbr_loss(pred[0], pred[1], target)
 
-    def pass_loss(self, out: ModelOutput, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Unweighted L_drloc of one pass: scalar."""
-        p_i, p_j, target = self.targets(out, generator)
-        pred = self.head(ref.gather_pairs(out.patch_tokens, p_i, p_j))
-        return self.loss(pred, target)
+    def pass_loss(self, out: ModelOutput, seed: int = 0) -> torch.Tensor:
+        """Unweighted L_drloc of one pass: scalar (the fused Triton head on CUDA, the PyTorch reference elsewhere)."""
+        p_i, p_j, target = self.targets(out, seed)
+        return dispatch.drloc_pair_loss(out.patch_tokens, p_i, p_j, target, dispatch.HeadParams.from_module(self.head),
+                                        self.cfg.mode, self.kernels)
 
-    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float,
-                generator: torch.Generator | None = None) -> TaskOutput:
-        """loss = lambda(e) * mean over passes of L_drloc(pass); raw = that mean; metrics: per-pass losses."""
-        per_pass = [self.pass_loss(out, generator) for out in outputs]
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
+        """loss = lambda(e) * mean over passes of L_drloc(pass); raw = that mean; metrics: per-pass losses.
+        Pass v draws its pairs from seed*4 + v, so the two passes never share positions by construction."""
+        per_pass = [self.pass_loss(out, (seed * 4 + v) % 2**63) for v, out in enumerate(outputs)]
         raw = torch.stack(per_pass).mean()
         w = self.weight(epoch)
         metrics = {f"pass{i}": loss.detach() for i, loss in enumerate(per_pass)} if len(per_pass) > 1 else {}

@@ -123,8 +123,7 @@ class PerceptibilityTask(AuxTask):
         scale_weight = lam if self.cfg.lambda_on_scale else 1.0
         return (alpha * ce_transformed + scale_weight * l1["scale"] + lam * l1["translate"]) / 3
 
-    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float,
-                generator: torch.Generator | None = None) -> TaskOutput:
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
         """outputs[0]: the pass on batch.images; outputs[1]: the pass on batch.transformed.
         loss: the combination above; raw: the unweighted regression loss (sum of the L1 terms);
         metrics: ce_transformed, l1_translate / l1_scale."""

@@ -1,0 +1,217 @@
+"""End-to-end training step throughput, side by side in one process:
+
+- model_only:  the ceiling — same model, same batch already on the device, forward + CE + backward + AdamW.
+- ours:        resident loader with the recipe's augmentation (crop, flip, AutoAugment, mixup/cutmix, erasing,
+               translation transform) + model + drloc + translation perceptibility + AdamW (plain step).
+- ours_deepspeed: the same step through DeepSpeed's engine (what `smallvit train` runs).
+- reference:   the reference repos' pipeline — torchvision DataLoader with PIL transforms, eager model,
+               per-image translation loop (torchvision affine), eager drloc head — + AdamW.
+
+    python -m bench train [--batch 32,64] [--steps 5] [--images 1024]
+
+Images per second: median over repeats of `steps` steps each, after warm-up, with synchronisation on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench.report import print_table, write_results
+
+
+def _config(beton: Path, batch: int, device: str):
+    from engine.config import config_from_dict
+
+    return config_from_dict({}, [
+        f"data.train={beton}", f"data.test={beton}", "data.dataset=random", "data.loader=resident",
+        f"data.batch_size={batch}", "data.auto_augment=cifar10", "data.mixup_alpha=1.0", "data.cutmix_alpha=1.0",
+        "data.erasing_prob=0.25", "tasks.drloc.enabled=true", "tasks.perceptibility.enabled=true",
+        "optim.epochs=300", "optim.warmup_epochs=0", f"engine.device={device}",
+        "engine.precision=" + ("bf16" if device == "cuda" else "fp32")])
+
+
+def _batches(loader, steps: int):
+    """An endless stream of the loader's batches (epoch after epoch)."""
+    epoch = 0
+    while True:
+        for b in loader.epoch(epoch):
+            yield b
+        epoch += 1
+
+
+def _rate(step, batch: int, steps: int, repeats: int, device: torch.device, warmup: int = 2) -> dict:
+    for _ in range(warmup):
+        step()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t0) / steps)
+    med = float(np.median(samples))
+    return {"images_per_s": batch / med, "step_ms": med * 1e3, "min_ms": min(samples) * 1e3,
+            "max_ms": max(samples) * 1e3}
+
+
+def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch.device, workers: int) -> list[dict]:
+    from engine.models import create_model
+    from engine.tasks import build_tasks
+    from engine.train import TrainModule, param_groups
+    from loaders.factory import build_loader
+
+    cfg = _config(beton, batch, device.type)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    rows = []
+
+    # model-only ceiling
+    model = create_model("vit_cifar", num_classes=10).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def model_only():
+        with autocast():
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    rows.append({"variant": f"model_only b{batch}", **_rate(model_only, batch, steps, repeats, device)})
+
+    # ours: loader + augmentation + model + drloc + translation (plain PyTorch step)
+    loader, meta = build_loader(cfg.data, True, 0, device, label_smoothing=0.1,
+                                perceptibility=cfg.tasks.perceptibility)
+    model = create_model("vit_cifar", num_classes=meta["num_classes"]).to(device)
+    module = TrainModule(model, build_tasks(cfg, model.embed_dim, model.grid_size), 0.1).to(device)
+    opt = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-4, fused=device.type == "cuda")
+    stream = _batches(loader, steps)
+    counter = iter(range(10**9))
+
+    def ours():
+        b = next(stream)
+        with autocast():
+            loss, _ = module(b, 30.0, next(counter))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    rows.append({"variant": f"ours b{batch}", **_rate(ours, batch, steps, repeats, device)})
+
+    # the same through DeepSpeed
+    import deepspeed
+
+    from engine.runtime import deepspeed_config, init_runtime
+
+    rt = init_runtime(device.type)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
+                                           config=deepspeed_config(cfg, rt.world_size, device.type == "cuda"))
+
+    def ours_ds():
+        b = next(stream)
+        with autocast():
+            loss, _ = engine(b, 30.0, next(counter))
+        engine.backward(loss)
+        engine.step()
+    rows.append({"variant": f"ours_deepspeed b{batch}", **_rate(ours_ds, batch, steps, repeats, device)})
+
+    # the reference pipeline
+    rows.append({"variant": f"reference b{batch}",
+                 **reference_pipeline(beton, cfg, batch, steps, repeats, device, workers, meta)})
+    ceiling = rows[0]["images_per_s"]
+    for r in rows:
+        r["batch"] = batch
+        r["vs_model_only"] = r["images_per_s"] / ceiling
+    return rows
+
+
+def reference_pipeline(beton: Path, cfg, batch: int, steps: int, repeats: int, device: torch.device, workers: int,
+                       meta: dict) -> dict:
+    """torchvision DataLoader + PIL transforms, eager model, per-image translation loop, eager drloc head."""
+    import torchvision.transforms.functional as TF
+
+    from engine.models import create_model
+    from engine.tasks.drloc import DrlocHead
+    from kernels import drloc_reference as ref
+    from loaders.order import EpochPlan
+    from loaders.torchvision_loader import TorchvisionLoader
+    from loaders.transforms.pipeline import TrainTransform
+
+    plan = EpochPlan(meta["num_images"], batch, seed=0)
+    transform = TrainTransform(cfg.data, meta["mean"], meta["std"], 0, num_classes=meta["num_classes"],
+                               label_smoothing=0.1)
+    loader = TorchvisionLoader(str(beton), plan, transform, device, num_workers=workers, style="pil")
+    model = create_model("vit_cifar", num_classes=meta["num_classes"]).to(device)
+    head = DrlocHead(model.embed_dim, model.grid_size).to(device)
+    trans_head = torch.nn.Sequential(torch.nn.LayerNorm(2 * model.embed_dim), torch.nn.Linear(2 * model.embed_dim, 384),
+                                     torch.nn.GELU(), torch.nn.Linear(384, 2)).to(device)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters(), *trans_head.parameters()], lr=1e-4)
+    grid = torch.linspace(-0.2, 0.2, 10).tolist()
+    rng = np.random.default_rng(0)
+    stream = _batches(loader, steps)
+
+    def step():
+        b = next(stream)
+        moved, targets = [], []
+        for img in b.images:                               # the reference's per-image translation loop
+            ix, iy = rng.integers(0, 10, 2)
+            moved.append(TF.affine(img, angle=0.0, translate=[grid[ix] * 32, grid[iy] * 32], scale=1.0, shear=[0.0],
+                                   interpolation=TF.InterpolationMode.NEAREST, fill=128.0))
+            targets.append([ix / 9, iy / 9])
+        tx = torch.stack(moved)
+        t = torch.tensor(targets, device=device)
+        o1, o2 = model.forward_with_tokens(b.images), model.forward_with_tokens(tx)
+        loss = F.cross_entropy(o1.logits, b.labels) + 0.5 * F.cross_entropy(o2.logits, b.labels)
+        pred = trans_head(torch.cat([o1.tokens.mean(1), o2.tokens.mean(1)], -1))
+        loss = loss + F.l1_loss(pred, t)
+        for out in (o1, o2):
+            p_i, p_j = ref.sample_pair_positions(len(b), out.grid, 64, device=device)
+            target = ref.pair_offset_targets(p_i, p_j, out.grid)
+            loss = loss + 0.1 * ref.l1_loss(head(ref.gather_pairs(out.patch_tokens, p_i, p_j))[0], target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return _rate(step, batch, steps, repeats, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cuda = torch.cuda.is_available()
+    ap.add_argument("--batch", default="512,1024,2048" if cuda else "32", help="comma list of batch sizes")
+    ap.add_argument("--steps", type=int, default=20 if cuda else 2, help="steps per repeat")
+    ap.add_argument("--repeats", type=int, default=5 if cuda else 2)
+    ap.add_argument("--images", type=int, default=8192 if cuda else 512, help="random 32x32 training images")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reference pipeline's workers")
+    ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--no-record", action="store_true", help="do not add lines to bench/results/README.md")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if cuda else "cpu")
+    from loaders.convert.arrays import ArraySource
+    from loaders.convert.writer import WriteOptions, write_beton
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        beton = Path(tmp) / "train.beton"
+        write_beton(ArraySource(rng.integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8),
+                                rng.integers(0, 10, args.images), [str(i) for i in range(10)], "random", "train"),
+                    beton, WriteOptions(num_workers=1, progress=False))
+        for batch in (int(b) for b in args.batch.split(",")):
+            rows += bench_batch(beton, batch, args.steps, args.repeats, device, args.workers)
+    print_table(rows, ["variant", "images_per_s", "step_ms", "min_ms", "max_ms", "vs_model_only"])
+    write_results("train", rows, "images_per_s", "variant", "img/s", out_dir=args.out_dir, record=not args.no_record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
