@@ -65,6 +65,8 @@ class ModelConfig:
     drop_path: float = 0.1
     spt: bool = False                  # Shifted Patch Tokenization (METHODS.md D)
     lsa: bool = False                  # Locality Self-Attention (METHODS.md D)
+    pos_embed_init: Literal["learned", "sincos"] = "learned"  # learned = the references' init; sincos: see
+                                                               # engine/models/pos_embed.py (the CPU demo uses it)
     # fine-tune stage of the self-supervised method (METHODS.md B): weights loaded by name before training with
     # engine.models.pretrained (read_state_dict + load_backbone_weights, which reports every key not loaded)
     pretrained: str = ""               # checkpoint file; '' = train from scratch

@@ -31,6 +31,7 @@ from torch import nn
 from engine import checkpoint
 from engine.config import Config, ConfigError, load_config, to_dict
 from engine.models import create_model
+from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_backbone_weights, read_state_dict
 from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
@@ -165,6 +166,7 @@ def train(cfg: Config) -> dict:
     torch.manual_seed(cfg.run.seed)
     model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
                          spt=cfg.model.spt, lsa=cfg.model.lsa)
+    init_pos_embed(model, cfg.model.pos_embed_init)
     if cfg.model.pretrained:
         report = load_backbone_weights(model, read_state_dict(cfg.model.pretrained, cfg.model.pretrained_key))
         if rt.is_main:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import config_from_dict
+from engine.models.pos_embed import sincos_grid
 from engine.models import ModelOutput, create_model
 from engine.tasks import build_tasks, effective_epochs
 from engine.tasks.drloc import DrlocHead, DrlocTask, drloc_weight
@@ -204,14 +205,6 @@ def chance_ce(k: int, use_abs: bool) -> float:
     p = torch.bincount(d).double() / d.numel()
     p = p[p > 0]
     return 2 * float(-(p * p.log()).sum())
-
-
-def sincos_grid(k: int, dim: int) -> torch.Tensor:
-    """(k*k, dim) 2-D sin-cos position codes (rows in the first half of the channels, cols in the second)."""
-    freqs = 1.0 / 10.0 ** (torch.arange(dim // 4).float() / (dim // 4))
-    axis = torch.arange(k).float()[:, None] * freqs[None]
-    code = torch.cat([torch.sin(axis), torch.cos(axis)], dim=1)                       # (k, dim/2)
-    return torch.cat([code[:, None].expand(k, k, -1), code[None].expand(k, k, -1)], dim=-1).reshape(k * k, dim)
 
 
 def train_drloc(mode: str, steps: int, use_abs: bool = True) -> list[float]:

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from engine.config import config_from_dict
 from engine.models import ModelOutput, create_model
 from engine.tasks import build_tasks, class_ce
-from test_tasks_drloc import sincos_grid  # noqa: E402  (tests/ is on sys.path under pytest)
+from engine.models.pos_embed import sincos_grid  # noqa: E402
 from engine.tasks.perceptibility import PerceptibilityTask, grid_targets, perceptibility_weight
 from loaders.batch import Batch
 
