@@ -13,6 +13,18 @@ CIFAR10_JPG = SHARED_DATA / "cifar10-jpg.tar.gz"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# In-process training tests join a one-rank process group and so set these; a child process that inherited them
+# would take them for a launcher's and try to rendezvous on the same port.
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+            "CROSS_SIZE")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ without the process-group variables, plus `extra`, for tests that start smallvit processes."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(extra)
+    return env
+
 
 @pytest.fixture(scope="session")
 def digits_betons(tmp_path_factory) -> dict[str, Path]:

@@ -5,12 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def smallvit(*args, cwd=None, timeout=300):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = subprocess_env(PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd or REPO, timeout=timeout, env=env)
 

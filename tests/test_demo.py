@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_demo_reaches_80_percent(tmp_path):
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--out", str(tmp_path)], cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
+                         capture_output=True, text=True, timeout=900, env=subprocess_env())
     elapsed = time.perf_counter() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

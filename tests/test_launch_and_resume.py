@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 96 // 16
@@ -33,7 +34,7 @@ def _overrides(betons, out, *extra):
 
 
 def _env():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
 

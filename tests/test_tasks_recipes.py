@@ -28,7 +28,8 @@ def test_recipe_loads_and_is_consistent(path):
     assert 'METHODS.md "Reference numbers", row' in text                       # names the row it reproduces
     dataset, arch, method = path.stem.split("_")
     assert cfg.data.dataset == dataset
-    assert cfg.data.train == f"data/{dataset}/train.beton" and cfg.data.test == f"data/{dataset}/test.beton"
+    test_split = "val" if dataset == "tinyimagenet" else "test"   # Tiny-ImageNet's test/ has no labels
+    assert cfg.data.train == f"data/{dataset}/train.beton" and cfg.data.test == f"data/{dataset}/{test_split}.beton"
     assert cfg.model.name.startswith(arch)
     assert cfg.data.image_size == (64 if dataset == "tinyimagenet" else 32)
     assert cfg.data.repeats == 3 and cfg.optim.label_smoothing == 0.1

@@ -82,7 +82,27 @@ class _HashingReader:
         return data
 
 
-class TarTree:
+class _ArchiveIndex:
+    """files() and dirs() over an archive's member names: `_index(files, dirs)` fills them, adding every parent
+    folder of every file (archives need not list their folders)."""
+
+    def _index(self, files, dirs) -> None:
+        self._files = sorted(files)
+        self._dirs = set(dirs)
+        for name in self._files:
+            parts = name.split("/")
+            for k in range(1, len(parts)):
+                self._dirs.add("/".join(parts[:k]))
+
+    def files(self) -> list[str]:
+        return self._files
+
+    def dirs(self, under: str) -> list[str]:
+        prefix = under.rstrip("/") + "/" if under else ""
+        return sorted({d[len(prefix):].split("/")[0] for d in self._dirs if d.startswith(prefix) and d != under})
+
+
+class TarTree(_ArchiveIndex):
     def __init__(self, path: Path, keep: Callable[[str], bool] = lambda m: True):
         """Read every regular member whose path passes `keep` into memory, in one sequential pass."""
         self.path = Path(path)
@@ -109,18 +129,7 @@ class TarTree:
                 raise DatasetFileError(f"{self.path}: truncated or corrupt archive ({type(exc).__name__}: {exc})") \
                     from None
         self._sha = reader.sha.hexdigest()
-        for name in self._data:
-            parts = name.split("/")
-            for k in range(1, len(parts)):
-                self._dirs.add("/".join(parts[:k]))
-        self._files = sorted(self._data)
-
-    def files(self) -> list[str]:
-        return self._files
-
-    def dirs(self, under: str) -> list[str]:
-        prefix = under.rstrip("/") + "/" if under else ""
-        return sorted({d[len(prefix):].split("/")[0] for d in self._dirs if d.startswith(prefix) and d != under})
+        self._index(self._data, self._dirs)
 
     def read(self, member: str) -> bytes:
         return self._data[member]
@@ -132,7 +141,7 @@ class TarTree:
         return self._sha
 
 
-class ZipTree:
+class ZipTree(_ArchiveIndex):
     def __init__(self, path: Path):
         self.path = Path(path)
         self.origin = str(self.path)
@@ -143,20 +152,8 @@ class ZipTree:
                 infos = zf.infolist()
         except (zipfile.BadZipFile, OSError) as exc:
             raise DatasetFileError(f"{self.path}: truncated or corrupt zip archive ({exc})") from None
-        self._files = sorted(i.filename for i in infos if not i.is_dir())
-        self._dirs = {i.filename.rstrip("/") for i in infos if i.is_dir()}
-        for name in self._files:
-            parts = name.split("/")
-            for k in range(1, len(parts)):
-                self._dirs.add("/".join(parts[:k]))
+        self._index((i.filename for i in infos if not i.is_dir()), (i.filename.rstrip("/") for i in infos if i.is_dir()))
         self._sha: Optional[str] = None
-
-    def files(self) -> list[str]:
-        return self._files
-
-    def dirs(self, under: str) -> list[str]:
-        prefix = under.rstrip("/") + "/" if under else ""
-        return sorted({d[len(prefix):].split("/")[0] for d in self._dirs if d.startswith(prefix) and d != under})
 
     def read(self, member: str) -> bytes:
         if self._handle is None or self._pid != os.getpid():  # one handle per (forked) process
