@@ -38,6 +38,11 @@ def _load(args) -> object:
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
+    if args.list_models:
+        from engine.models import list_models
+
+        print("\n".join(list_models()))
+        return 0
     from engine.train import run_training
 
     return run_training(_load(args))
@@ -101,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. Runs on one process without a launcher; for several GPUs or "
                                    "nodes launch `deepspeed engine/train.py --config FILE [key=value ...]`.")
     _add_config_args(p)
+    p.add_argument("--list-models", action="store_true", help="print the registered model names and exit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, epilog=_config_epilog(),

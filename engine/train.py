@@ -184,7 +184,10 @@ def train(cfg: Config) -> dict:
                                   betas=cfg.optim.betas, fused=rt.device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            config=deepspeed_config(cfg, rt.world_size, bf16))
-    forward_model = torch.compile(module.model) if cfg.engine.compile else module.model
+    forward_model = module.model
+    if cfg.engine.compile:   # the training forward (tokens for the tasks) and the eval forward, sharing weights
+        model.forward_with_tokens = torch.compile(model.forward_with_tokens)
+        forward_model = torch.compile(model)
 
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:

@@ -34,6 +34,12 @@ def test_train_help_lists_every_option_with_its_default():
         assert default in line, (key, default, line)
 
 
+def test_train_lists_registered_models():
+    res = smallvit("train", "--list-models")
+    assert res.returncode == 0
+    assert {"vit_cifar", "swin_cifar", "cait_cifar", "vit_tiny_imagenet"} <= set(res.stdout.split())
+
+
 def _error_line(res):
     lines = [l for l in res.stderr.strip().splitlines() if l.startswith("smallvit: error")]
     assert len(lines) == 1, res.stderr
