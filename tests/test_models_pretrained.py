@@ -50,3 +50,29 @@ def test_bad_checkpoint_paths_name_the_key(tmp_path):
     torch.save({"teacher": 3}, path)
     with pytest.raises(ValueError, match="model.pretrained"):
         read_state_dict(path, "teacher")
+
+
+class _Payload:
+    """Stands for arbitrary pickled code in a hostile checkpoint."""
+
+
+def test_pretrained_checkpoint_with_pickled_objects_is_refused(tmp_path):
+    import torch
+
+    from engine.models.pretrained import read_state_dict
+
+    path = tmp_path / "hostile.pth"
+    torch.save({"teacher": {"w": torch.zeros(2)}, "extra": _Payload()}, path)
+    with pytest.raises(ValueError, match="does not load as plain tensors"):
+        read_state_dict(path)
+
+
+def test_pretrained_reads_safetensors(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from engine.models.pretrained import read_state_dict
+
+    save_file({"blocks.0.norm1.weight": torch.ones(3)}, str(tmp_path / "w.safetensors"))
+    state = read_state_dict(tmp_path / "w.safetensors")
+    assert torch.equal(state["blocks.0.norm1.weight"], torch.ones(3))
