@@ -243,7 +243,7 @@ def train(cfg: Config) -> dict:
                         file=sys.stdout)
     stop.install()
     try:
-        t_start, seen = time.perf_counter(), 0
+        t_start, seen, nonfinite_skipped = time.perf_counter(), 0, 0
         exit_code = 0
         engine.train()
         while epoch < run_epochs and global_step < max_steps and exit_code == 0:
@@ -260,7 +260,9 @@ def train(cfg: Config) -> dict:
                     if cfg.engine.fail_on_nonfinite:
                         raise NonFiniteLoss(f"non-finite loss {loss_value} at global step {global_step} "
                                             f"(epoch {epoch}, step {step_in_epoch}); nothing was saved for this step")
-                    engine.zero_grad() if hasattr(engine, "zero_grad") else optimizer.zero_grad(set_to_none=True)
+                    nonfinite_skipped += 1   # no backward, no optimizer step: parameters and state unchanged
+                    if rt.is_main:
+                        log.warning("non-finite loss %s at global step %d: step skipped", loss_value, global_step)
                 else:
                     engine.backward(loss)
                     engine.step()
@@ -307,7 +309,7 @@ def train(cfg: Config) -> dict:
     elapsed = time.perf_counter() - t_start
     summary = {"epochs_done": epoch, "global_step": global_step, "best_top1": best_top1,
                "last": last_eval, "seconds": round(elapsed, 2), "images_per_second": round(seen / max(elapsed, 1e-9), 1),
-               "exit_code": exit_code}
+               "exit_code": exit_code, "nonfinite_skipped": nonfinite_skipped}
     if rt.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         run_log.close()
