@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,15 +17,13 @@ TABLE_HEADER = ("| date | device | bench | variant | figure | command |\n"
 
 
 def environment() -> dict[str, Any]:
-    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-           "cpu_count": __import__("os").cpu_count(),
-           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"}
-    try:
-        env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=RESULTS.parent, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.TimeoutExpired):
-        env["commit"] = None
-    for name in ("timm", "ffcv", "deepspeed", "triton"):
+    """The run environment (versions, GPU, commit; engine.run_log) plus what a bench reader also wants."""
+    from engine.run_log import environment as run_environment
+
+    env = {**run_environment(), "platform": platform.platform(),
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
+           else f"cpu ({platform.processor() or platform.machine()})"}
+    for name in ("ffcv", "triton"):
         try:
             env[name] = __import__(name).__version__
         except Exception:  # not installed here

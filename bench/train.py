@@ -37,7 +37,7 @@ def _config(beton: Path, batch: int, device: str):
         "engine.precision=" + ("bf16" if device == "cuda" else "fp32")])
 
 
-def _batches(loader, steps: int):
+def _batches(loader):
     """An endless stream of the loader's batches (epoch after epoch)."""
     epoch = 0
     while True:
@@ -95,7 +95,7 @@ def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch
     model = create_model("vit_cifar", num_classes=meta["num_classes"]).to(device)
     module = TrainModule(model, build_tasks(cfg, model.embed_dim, model.grid_size), 0.1).to(device)
     opt = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-4, fused=device.type == "cuda")
-    stream = _batches(loader, steps)
+    stream = _batches(loader)
     counter = iter(range(10**9))
 
     def ours():
@@ -157,7 +157,7 @@ def reference_pipeline(beton: Path, cfg, batch: int, steps: int, repeats: int, d
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters(), *trans_head.parameters()], lr=1e-4)
     grid = torch.linspace(-0.2, 0.2, 10).tolist()
     rng = np.random.default_rng(0)
-    stream = _batches(loader, steps)
+    stream = _batches(loader)
 
     def step():
         b = next(stream)

@@ -107,6 +107,15 @@ def resolve(out_dir: str | Path, resume: str) -> Optional[Path]:
     return folder
 
 
+def find(path: str | Path) -> Path:
+    """The checkpoint a user names: a run folder (its latest checkpoint) or a checkpoint folder.
+    Raises FileNotFoundError naming the path when it holds no complete checkpoint."""
+    folder = resolve(".", str(path))
+    if folder is None:
+        raise FileNotFoundError(f"{path}: no complete smallvit checkpoint")
+    return folder
+
+
 def read_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 

@@ -38,10 +38,7 @@ def run_eval(args) -> int:
     from engine.train import evaluate
 
     try:
-        folder = checkpoint.resolve(args.checkpoint, "auto") if Path(args.checkpoint, "checkpoints").is_dir() \
-            else checkpoint.resolve(".", args.checkpoint)
-        if folder is None:
-            raise FileNotFoundError(f"{args.checkpoint}: no complete checkpoint found")
+        folder = checkpoint.find(args.checkpoint)
         config_path = args.config or find_run_config(folder)
         if not config_path:
             raise ConfigError(f"{folder}: no config.yaml beside the checkpoint; pass --config")

@@ -15,8 +15,7 @@ def describe_checkpoint(folder: Path) -> list[str]:
     lines += [f"  {k}: {v}" for k, v in state.items()]
     with safe_open(str(folder / checkpoint.EXPORT_FILE), "pt") as fh:
         keys = list(fh.keys())
-        numel = sum(fh.get_slice(k).get_shape().numel() if hasattr(fh.get_slice(k).get_shape(), "numel")
-                    else _prod(fh.get_slice(k).get_shape()) for k in keys)
+        numel = sum(_prod(fh.get_slice(k).get_shape()) for k in keys)
     lines.append(f"  weights: {len(keys)} tensors, {numel:,} parameters ({checkpoint.EXPORT_FILE})")
     ds_files = sorted(p.name for p in (folder / "ds").iterdir())
     lines.append(f"  deepspeed files: {', '.join(ds_files)}")
@@ -37,9 +36,7 @@ def inspect_path(args) -> int:
 
         return run_inspect(args)
     try:
-        folder = checkpoint.resolve(path, "auto") if (path / "checkpoints").is_dir() else checkpoint.resolve(".", str(path))
-        if folder is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint in this run folder")
+        folder = checkpoint.find(path)
         print("\n".join(describe_checkpoint(folder)))
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 from loaders.batch import Batch
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
-from loaders.transforms.pipeline import TrainTransform, plan_repeats
+from loaders.transforms.pipeline import TrainTransform
 
 
 class BetonSamples:
@@ -150,7 +150,7 @@ class DALILoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
-        repeats = torch.from_numpy(plan_repeats(self.plan, self.rank, self.world_size, start_step))
+        repeats = torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step))
         per = self.plan.per_rank_batch(self.world_size)
         for s in range(0, len(order), per):
             idx = order[s:s + per]

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from loaders.batch import Batch
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
-from loaders.transforms.pipeline import EvalTransform, TrainTransform, plan_repeats
+from loaders.transforms.pipeline import EvalTransform, TrainTransform
 
 
 def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
@@ -188,7 +188,7 @@ class TorchvisionLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
-        repeats = plan_repeats(self.plan, self.rank, self.world_size, start_step)
+        repeats = self.plan.rank_repeats(self.rank, self.world_size, start_step)
         dataset = _Samples(self.images, self.labels, self.files, self.transform, epoch, self.style)
         if isinstance(self.transform, TrainTransform):
             keys = self.transform.keys(torch.from_numpy(order), epoch, torch.from_numpy(repeats)).numpy()

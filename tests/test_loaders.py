@@ -205,15 +205,14 @@ def test_repeat_keys_transform_level():
     assert not torch.equal(r0.params["crop"], r1.params["crop"])
 
 
-def test_plan_repeats_matches_plan_order():
+def test_rank_repeats_matches_plan_order():
     from loaders.order import EpochPlan
-    from loaders.transforms.pipeline import plan_repeats
 
     plan = EpochPlan(num_samples=10, global_batch=4, seed=0, repeats=3)
     for world in (1, 2):
         for rank in range(world):
             order = plan.rank_order(0, rank, world, start_step=1)
-            reps = plan_repeats(plan, rank, world, start_step=1)
+            reps = plan.rank_repeats(rank, world, start_step=1)
             assert len(order) == len(reps)
             full = plan.permutation(0)
             pos_owner = {}

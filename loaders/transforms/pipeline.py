@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from loaders.batch import Batch
@@ -43,11 +42,6 @@ def repeat_keys(keys: torch.Tensor, repeat: Optional[torch.Tensor]) -> torch.Ten
         return keys
     repeat = repeat.to(keys.device, torch.int64)
     return torch.where(repeat == 0, keys, hash32(keys ^ hash32(repeat * 0x27D4EB2F + 0x165667B1)))
-
-
-def plan_repeats(plan, rank: int, world_size: int, start_step: int = 0) -> np.ndarray:
-    """The repeat number of every sample plan.rank_order(...) returns (see EpochPlan.rank_repeats)."""
-    return plan.rank_repeats(rank, world_size, start_step)
 
 
 class EvalTransform:
