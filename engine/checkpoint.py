@@ -49,8 +49,10 @@ def remove_stale(out_dir: str | Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def save(engine, out_dir: str | Path, global_step: int, state: dict[str, Any], is_main: bool) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+def save(engine, out_dir: str | Path, global_step: int, state: dict[str, Any], is_main: bool,
+         export: Optional[torch.nn.Module] = None) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint folder. `export` is the module written to
+    model.safetensors (default: the trained model, engine.module.model; pretraining exports the teacher)."""
     root = checkpoint_root(out_dir)
     name = f"step_{global_step:08d}"
     tmp = root / f".tmp-{name}"
@@ -65,7 +67,7 @@ def save(engine, out_dir: str | Path, global_step: int, state: dict[str, Any], i
     _barrier()
     if is_main:
         torch.save(state, tmp / STATE_FILE)
-        export_weights(engine.module.model, tmp / EXPORT_FILE)
+        export_weights(engine.module.model if export is None else export, tmp / EXPORT_FILE)
         _fsync_tree(tmp)
         if final.exists():  # a rerun of the same step (resume + save): replace it whole
             shutil.rmtree(final)
