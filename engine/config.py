@@ -65,6 +65,10 @@ class ModelConfig:
     drop_path: float = 0.1
     spt: bool = False                  # Shifted Patch Tokenization (METHODS.md D)
     lsa: bool = False                  # Locality Self-Attention (METHODS.md D)
+    # size overrides of the registered model (0 = the registered default); small models for tests and fixtures
+    depth: int = 0                     # transformer blocks
+    embed_dim: int = 0                 # token width C
+    num_heads: int = 0                 # attention heads (must divide the width)
     pos_embed_init: Literal["learned", "sincos"] = "learned"  # learned = the references' init; sincos: see
                                                                # engine/models/pos_embed.py (the CPU demo uses it)
     # fine-tune stage of the self-supervised method (METHODS.md B): weights loaded by name before training with
@@ -148,6 +152,31 @@ class RunConfig:
     resume: str = ""                   # 'auto' (latest in out_dir), a checkpoint folder, or '' for a fresh run
     progress: bool = True              # progress bars
     max_steps: int = 0                 # stop after this many optimizer steps (0 = run all epochs); for tests/bench
+    checkpoint_every_steps: int = 0    # also checkpoint every this many optimizer steps, mid-epoch too (0 = off)
+
+
+@dataclass
+class SSLConfig:
+    """DINO-style self-supervised pretraining (METHODS.md B), read by `smallvit pretrain` only. The optimizer keys
+    come from `optim` (the ssl recipes set lr 1e-4 per 256 images, weight_decay 0.04 as the start of its schedule,
+    clip_grad 3.0, warmup_epochs 30, epochs 200); views from data.multicrop / local_crops / *_crop_scale."""
+    out_dim: int = 1024                # prototypes K (the weight-normed last layer's outputs)
+    hidden_dim: int = 512
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True       # fix the weight norm's g at 1 (DINO's default)
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04  # teacher temperature, linear to teacher_temp over warmup_teacher_temp_epochs
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 10
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996    # EMA momentum, cosine to 1 over the run
+    weight_decay_end: float = 0.4      # weight decay, cosine from optim.weight_decay to this
+    freeze_last_layer: int = 1         # epochs in which the head's last layer gets no update
+    lr_per_256: bool = True            # optim.lr is per 256 images: peak lr = optim.lr * global batch / 256 (DINO)
+    clip_mode: Literal["per_param", "global"] = "per_param"  # DINO clips each parameter's gradient norm to
+                                                              # optim.clip_grad; 'global' clips the total norm
+    knn_k: int = 20                    # k-NN probe on the teacher's features at each evaluation (DINO's eval_knn)
+    knn_temperature: float = 0.07
 
 
 @dataclass
@@ -158,6 +187,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
 # ------------------------------------------------------------------------------------------------- loading
@@ -305,6 +335,9 @@ def validate(cfg: Config) -> None:
          and 0 < cfg.data.local_crop_scale[0] <= cfg.data.local_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
         ("model.num_classes", cfg.model.num_classes >= 0, "must be >= 0"),
         ("model.drop_path", 0 <= cfg.model.drop_path < 1, "must be in [0, 1)"),
+        ("model.depth", cfg.model.depth >= 0, "must be >= 0 (0 = the model's default)"),
+        ("model.embed_dim", cfg.model.embed_dim >= 0, "must be >= 0 (0 = the model's default)"),
+        ("model.num_heads", cfg.model.num_heads >= 0, "must be >= 0 (0 = the model's default)"),
         ("tasks.drloc.pairs", cfg.tasks.drloc.pairs >= 1, "must be >= 1"),
         ("tasks.drloc.lambda0", cfg.tasks.drloc.lambda0 >= 0, "must be >= 0"),
         ("tasks.perceptibility.max_shift", 0 < cfg.tasks.perceptibility.max_shift < 1, "must be in (0, 1)"),
@@ -326,10 +359,14 @@ def validate(cfg: Config) -> None:
         ("run.checkpoint_every", cfg.run.checkpoint_every >= 1, "must be >= 1"),
         ("run.log_every", cfg.run.log_every >= 1, "must be >= 1"),
         ("run.max_steps", cfg.run.max_steps >= 0, "must be >= 0"),
+        ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0, "must be >= 0"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why} (got {_lookup(cfg, key)!r})")
+    if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
+        raise ConfigError(f"model.embed_dim: {cfg.model.embed_dim} is not divisible by model.num_heads "
+                          f"{cfg.model.num_heads}")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
 
