@@ -20,6 +20,11 @@ from torch import nn
 from engine.ssl.schedules import teacher_temp_at
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 logits (autocast) -> fp32; fp32/fp64 unchanged. The softmaxes run at least in fp32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class DINOLoss(nn.Module):
     def __init__(self, out_dim: int, global_views: int = 2, student_temp: float = 0.1,
                  warmup_teacher_temp: float = 0.04, teacher_temp: float = 0.07, warmup_teacher_temp_epochs: int = 10,
@@ -38,12 +43,12 @@ class DINOLoss(nn.Module):
     def teacher_probs(self, teacher_logits: torch.Tensor, epoch: int) -> torch.Tensor:
         """(G*B, K) teacher logits -> (G*B, K) centred, sharpened probabilities (no gradient)."""
         temp = self.teacher_temperature(epoch)
-        return F.softmax((teacher_logits.float() - self.center) / temp, dim=-1).detach()
+        return F.softmax((_full_precision(teacher_logits) - self.center) / temp, dim=-1).detach()
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, epoch: int) -> torch.Tensor:
         """student (V*B, K), teacher (G*B, K), integer epoch -> scalar loss. Does not update the centre."""
         views = student_logits.shape[0] // (teacher_logits.shape[0] // self.global_views)
-        student = F.log_softmax(student_logits.float() / self.student_temp, dim=-1).chunk(views)
+        student = F.log_softmax(_full_precision(student_logits) / self.student_temp, dim=-1).chunk(views)
         teacher = self.teacher_probs(teacher_logits, epoch).chunk(self.global_views)
         total, pairs = 0.0, 0
         for t, q in enumerate(teacher):
