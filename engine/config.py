@@ -71,10 +71,14 @@ class ModelConfig:
     num_heads: int = 0                 # attention heads (must divide the width)
     pos_embed_init: Literal["learned", "sincos"] = "learned"  # learned = the references' init; sincos: see
                                                                # engine/models/pos_embed.py (the CPU demo uses it)
-    # fine-tune stage of the self-supervised method (METHODS.md B): weights loaded by name before training with
-    # engine.models.pretrained (read_state_dict + load_backbone_weights, which reports every key not loaded)
-    pretrained: str = ""               # checkpoint file; '' = train from scratch
-    pretrained_key: str = "teacher"    # entry of the checkpoint dict holding the state dict ('' = the file itself)
+    # fine-tune stage of the self-supervised method (METHODS.md B): backbone weights loaded by name before training
+    # (engine.models.pretrained.load_finetune_weights: every key not loaded reported in out_dir/finetune_load.json)
+    finetune_from: str = ""            # a pretraining run folder (its latest checkpoint), a checkpoint folder (its
+                                       # model.safetensors), a .safetensors or a .pth/.pt file; '' = from scratch
+    finetune_key: str = "teacher"      # .pth/.pt: entry of the checkpoint dict holding the state dict ('' = the
+                                       # file itself), as DINO's checkpoints keep 'teacher' and 'student'
+    finetune_strict: bool = True       # refuse to start when a backbone key (anything but the classifier) is
+                                       # missing or mismatched; nothing loaded at all is refused either way
 
 
 @dataclass

@@ -32,7 +32,7 @@ from engine import checkpoint
 from engine.config import Config, ConfigError, load_config, to_dict
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
-from engine.models.pretrained import load_backbone_weights, read_state_dict
+from engine.models.pretrained import load_finetune_weights
 from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
 from engine.schedule import lr_at
@@ -167,13 +167,8 @@ def train(cfg: Config) -> dict:
     model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
                          spt=cfg.model.spt, lsa=cfg.model.lsa)
     init_pos_embed(model, cfg.model.pos_embed_init)
-    if cfg.model.pretrained:
-        report = load_backbone_weights(model, read_state_dict(cfg.model.pretrained, cfg.model.pretrained_key))
-        if rt.is_main:
-            log.info("model.pretrained %s: %s", cfg.model.pretrained, report.summary())
-        if not report.loaded:
-            raise ConfigError(f"model.pretrained: no backbone weight of {cfg.model.pretrained} fits "
-                              f"{cfg.model.name} ({report.summary()})")
+    if cfg.model.finetune_from:   # by name; report logged and written to out_dir/finetune_load.json
+        load_finetune_weights(model, cfg.model, out_dir, rt.is_main)
     tasks = build_tasks(cfg, model.embed_dim, model.grid_size)
     module = TrainModule(model, tasks, cfg.optim.label_smoothing)
     if channels_last:

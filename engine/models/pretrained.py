@@ -1,77 +1,246 @@
-"""Load backbone weights by name (METHODS.md B, fine-tune stage): the self-supervised teacher's state dict into a
-freshly built model, reporting every key that did not load.
+"""The fine-tune stage of the self-supervised method (METHODS.md B): start a supervised run from the pretraining
+run's EMA-teacher backbone, loaded by parameter name, with every key that did not load reported.
+
+    model.finetune_from: runs/ssl_cifar10_vit           # a pretraining run folder: its latest checkpoint
+                         runs/ssl_cifar10_vit/checkpoints/step_00039000    # a checkpoint folder
+                         teacher.safetensors           # a weights file
+                         dino_checkpoint.pth           # a torch file holding {finetune_key: state dict, ...}
 
 The reference (B's finetune.py) pairs checkpoint and model keys by position, which silently misloads when the two
-orders differ; here a tensor loads only into the parameter or buffer of the same name and shape.
+orders differ; here a tensor loads only into the parameter or buffer of the same name (after stripping DataParallel's
+`module.` and DINO's `backbone.` prefixes) and the same shape. One exception: an absolute position embedding of
+another grid (pretraining at another resolution) is resized with DINO's bicubic interpolation and reported as such.
+
+The pretraining exports the teacher backbone only (built with num_classes=0), so the classifier's keys are expected
+missing. Anything else missing or mismatched is a backbone that did not load: the run refuses to start unless
+`model.finetune_strict: false`; nothing loaded at all is refused always. The report goes to the log and to
+out_dir/finetune_load.json.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
+from engine.config import ConfigError, ModelConfig
+
+KEY = "model.finetune_from"
 PREFIXES = ("module.", "backbone.")   # DataParallel/DDP and DINO's MultiCropWrapper add these
+REPORT_FILE = "finetune_load.json"
+POSITION_EMBEDDINGS = ("pos_embed", "absolute_pos_embed")   # ViT/CaiT (1, P + k*k, C); Swin ape (1, k, k, C)
+
+log = logging.getLogger("smallvit")
 
 
 @dataclass
 class LoadReport:
+    source: str = ""                                       # the weights file read
     loaded: list[str] = field(default_factory=list)        # model keys that took a checkpoint tensor
     missing: list[str] = field(default_factory=list)       # model keys the checkpoint lacks (kept as initialised)
     unexpected: list[str] = field(default_factory=list)    # checkpoint keys the model lacks (e.g. the DINO head)
     mismatched: list[str] = field(default_factory=list)    # same name, different shape: "key: ckpt -> model"
+    interpolated: list[str] = field(default_factory=list)  # position embeddings resized: "key: ckpt -> model"
+    classifier: list[str] = field(default_factory=list)    # the model's classifier keys (expected missing)
+
+    @property
+    def backbone_missing(self) -> list[str]:
+        """Missing keys that are not the classifier's: backbone weights the checkpoint did not provide."""
+        return [k for k in self.missing if k not in self.classifier]
+
+    @property
+    def backbone_mismatched(self) -> list[str]:
+        """Shape mismatches outside the classifier (a classifier of another class count is expected)."""
+        return [m for m in self.mismatched if m.split(": ", 1)[0] not in self.classifier]
 
     def summary(self) -> str:
-        return (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing}; "
+        text = (f"loaded {len(self.loaded)} tensors; missing {len(self.missing)}: {self.missing}; "
                 f"unexpected {len(self.unexpected)}: {self.unexpected}; mismatched {len(self.mismatched)}: "
                 f"{self.mismatched}")
+        if self.interpolated:
+            text += f"; interpolated {len(self.interpolated)}: {self.interpolated}"
+        return text
+
+    def not_loaded(self) -> list[dict[str, str]]:
+        """Every key that did not load, with its reason: 'missing' (classifier or backbone), 'unexpected',
+        or 'shape (ckpt) -> (model)'."""
+        rows = [{"key": k, "reason": "missing (classifier: expected)" if k in self.classifier else "missing"}
+                for k in self.missing]
+        rows += [{"key": k, "reason": "unexpected"} for k in self.unexpected]
+        for text in self.mismatched:
+            key, shapes = text.split(": ", 1)
+            rows.append({"key": key, "reason": f"shape {shapes}"})
+        return rows
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "not_loaded": self.not_loaded(), "backbone_missing": self.backbone_missing,
+                "backbone_mismatched": self.backbone_mismatched}
 
 
+# --------------------------------------------------------------------------------------------------- reading
 def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop leading `module.` / `backbone.` (in any order, repeated) from every key."""
     out = {}
     for key, value in state.items():
-        for prefix in PREFIXES:
-            key = key.replace(prefix, "")
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
         out[key] = value
     return out
 
 
+def resolve_weights_file(source: str | Path) -> Path:
+    """The weights file `model.finetune_from` names: a .safetensors/.pth/.pt file as is; a checkpoint folder or a
+    run folder (its latest checkpoint, engine.checkpoint.find) -> the checkpoint's model.safetensors."""
+    from engine import checkpoint
+
+    p = Path(source)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise ConfigError(f"{KEY}: {p} does not exist (a run folder, a checkpoint folder, or a .safetensors/.pth "
+                          f"file)")
+    try:
+        folder = checkpoint.find(p)
+    except FileNotFoundError:
+        raise ConfigError(f"{KEY}: {p} is a folder without a complete smallvit checkpoint (expected a run folder "
+                          f"with checkpoints/latest, or a checkpoint folder)") from None
+    weights = folder / checkpoint.EXPORT_FILE
+    if not weights.is_file():
+        raise ConfigError(f"{KEY}: checkpoint {folder} has no {checkpoint.EXPORT_FILE}")
+    return weights
+
+
 def read_state_dict(path: str | Path, key: str = "teacher") -> dict[str, torch.Tensor]:
-    """The state dict in a checkpoint file: entry `key` when the file holds a dict with it, else the file itself."""
+    """The state dict in a weights file: entry `key` when the file holds a dict with it, else the file itself;
+    prefixes stripped. Torch files load with weights_only (never unpickle objects). Raises ConfigError naming
+    model.finetune_from and the file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"model.pretrained: checkpoint not found: {p}")
+        raise ConfigError(f"{KEY}: checkpoint not found: {p}")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        blob = load_file(str(p))
+        try:
+            blob = load_file(str(p))
+        except Exception as exc:
+            raise ConfigError(f"{KEY}: {p} is not a readable safetensors file ({type(exc).__name__})") from None
     else:
-        try:  # never unpickle arbitrary objects from a checkpoint
+        try:
             blob = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"model.pretrained: {p} does not load as plain tensors ({type(exc).__name__})") from None
+            raise ConfigError(f"{KEY}: {p} does not load as plain tensors ({type(exc).__name__})") from None
     if key and isinstance(blob, dict) and key in blob:
         blob = blob[key]
-    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise ValueError(f"model.pretrained: {p} holds no state dict (looked for entry '{key}')")
+    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ConfigError(f"{KEY}: {p} holds no state dict (looked for entry 'model.finetune_key: {key}')")
     return strip_prefixes(blob)
 
 
-def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:
-    """Copy every same-name, same-shape tensor of `state` into `model`; return what did and did not load."""
+# --------------------------------------------------------------------------------------------------- loading
+def classifier_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the model's classifier (timm's get_classifier: ViT/CaiT `head`, Swin `head.fc`)."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return []
+    names = [name for name, module in model.named_modules() if module is head]
+    return sorted(f"{names[0]}.{k}" for k in head.state_dict()) if names else []
+
+
+def _resize_position_embedding(key: str, value: torch.Tensor, target: torch.Tensor, model: nn.Module
+                               ) -> Optional[torch.Tensor]:
+    """`value` resized to `target`'s grid (DINO interpolation), or None when the shapes differ in another way."""
+    from engine.ssl.backbone import interpolate_pos_embed
+
+    if key.rsplit(".", 1)[-1] not in POSITION_EMBEDDINGS or value.dim() != target.dim() or value.shape[-1] != \
+            target.shape[-1] or value.shape[0] != 1:
+        return None
+    dim = target.shape[-1]
+    if target.dim() == 4:                                        # Swin ape (1, k, k, C): no prefix rows
+        if value.shape[1] != value.shape[2] or target.shape[1] != target.shape[2]:
+            return None
+        flat = interpolate_pos_embed(value.reshape(1, -1, dim).float(), target.shape[1], 0)
+        return flat.reshape(target.shape).to(value.dtype)
+    if target.dim() != 3:
+        return None
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None or grid[0] != grid[1]:
+        return None
+    prefix = target.shape[1] - grid[0] * grid[1]
+    k = math.isqrt(max(value.shape[1] - prefix, 0))
+    if prefix < 0 or k == 0 or k * k != value.shape[1] - prefix:
+        return None
+    return interpolate_pos_embed(value.float(), grid[0], prefix).to(value.dtype)
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], interpolate_pos: bool = True
+                          ) -> LoadReport:
+    """Copy every same-name, same-shape tensor of `state` into `model` (position embeddings of another grid
+    resized when `interpolate_pos`); return what did and did not load."""
     own = model.state_dict()
-    report = LoadReport()
+    report = LoadReport(classifier=classifier_keys(model))
     usable, mismatched = {}, set()
     for key, value in state.items():
         if key not in own:
             report.unexpected.append(key)
-        elif own[key].shape != value.shape:
-            mismatched.add(key)
-            report.mismatched.append(f"{key}: {tuple(value.shape)} -> {tuple(own[key].shape)}")
-        else:
-            usable[key] = value
+            continue
+        if own[key].shape != value.shape:
+            resized = _resize_position_embedding(key, value, own[key], model) if interpolate_pos else None
+            shapes = f"{tuple(value.shape)} -> {tuple(own[key].shape)}"
+            if resized is None:
+                mismatched.add(key)
+                report.mismatched.append(f"{key}: {shapes}")
+                continue
+            report.interpolated.append(f"{key}: {shapes}")
+            value = resized
+        usable[key] = value
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     report.missing = sorted(k for k in own if k not in usable and k not in mismatched)
+    report.unexpected.sort()
+    report.mismatched.sort()
+    return report
+
+
+def _first(keys: list[str], n: int = 6) -> str:
+    """The first n keys for an error message, with how many more there are."""
+    return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_finetune_weights(model: nn.Module, cfg: ModelConfig, out_dir: str | Path | None = None,
+                          is_main: bool = True) -> LoadReport:
+    """The fine-tune start: resolve `cfg.finetune_from`, load by name, log the report and write it to
+    out_dir/finetune_load.json (main rank), then refuse (ConfigError naming model.finetune_from and the file) when
+    no weight loaded, or, with `cfg.finetune_strict`, when any backbone key is missing or mismatched."""
+    weights = resolve_weights_file(cfg.finetune_from)
+    report = load_backbone_weights(model, read_state_dict(weights, cfg.finetune_key))
+    report.source = str(weights)
+    if is_main:
+        log.info("%s %s (%s): %s", KEY, cfg.finetune_from, weights, report.summary())
+        for row in report.not_loaded():
+            log.info("  not loaded: %s (%s)", row["key"], row["reason"])
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            (Path(out_dir) / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2))
+    if not report.loaded:
+        raise ConfigError(f"{KEY}: no weight of {weights} fits {cfg.name} (names or shapes differ everywhere: "
+                          f"{len(report.missing)} missing {_first(report.missing)}, {len(report.unexpected)} "
+                          f"unexpected {_first(report.unexpected)}, {len(report.mismatched)} mismatched "
+                          f"{_first(report.mismatched)})")
+    if (report.backbone_missing or report.backbone_mismatched) and cfg.finetune_strict:
+        where = f"; all in {Path(out_dir) / REPORT_FILE}" if out_dir is not None else ""
+        raise ConfigError(f"{KEY}: the backbone of {cfg.name} did not fully load from {weights}: "
+                          f"{len(report.backbone_missing)} missing {_first(report.backbone_missing)}, "
+                          f"{len(report.backbone_mismatched)} mismatched {_first(report.backbone_mismatched)}{where} "
+                          f"(model.finetune_strict=false "
+                          f"starts anyway, keeping those weights as initialised)")
     return report
