@@ -103,6 +103,21 @@ def test_dino_style_pth_with_teacher_entry_and_prefixes(tmp_path):
     assert_backbone_equal(other, student)
 
 
+@pytest.mark.parametrize("name, sizes, classifier", [
+    ("swin_cifar", dict(depths=(1, 1), num_heads=(2, 4), embed_dim=16, ape=True), ["head.fc.bias", "head.fc.weight"]),
+    ("cait_cifar", dict(depth=2, depth_token_only=1, embed_dim=16, num_heads=2, spt=True, lsa=True), CLASSIFIER),
+    ("vit_tiny_imagenet", dict(spt=True, lsa=True, **SIZES), CLASSIFIER),
+])
+def test_every_family_loads_its_backbone_and_only_the_classifier_is_missing(tmp_path, name, sizes, classifier):
+    torch.manual_seed(7)
+    teacher = create_model(name, num_classes=0, **sizes)
+    fake_checkpoint(tmp_path / "run", 1, teacher)
+    model = create_model(name, num_classes=10, **sizes)
+    report = load_finetune_weights(model, ModelConfig(name=name, finetune_from=str(tmp_path / "run")))
+    assert report.missing == classifier and report.mismatched == [] and report.unexpected == []
+    assert_backbone_equal(model, teacher)
+
+
 # ------------------------------------------------------------------------------------------ refusals
 def test_nothing_loaded_is_refused_naming_key_and_file(tmp_path):
     run = tmp_path / "swin_run"

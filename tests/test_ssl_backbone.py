@@ -13,8 +13,6 @@ from engine.models import create_model
 from engine.ssl.backbone import (MultiCropBackbone, interpolate_pos_embed, pooled_features, resolution_runs,
                                  truncate_pos_embed)
 
-torch.set_num_threads(1)
-
 MODELS = ["vit_cifar", "vit_tiny_imagenet", "cait_cifar", "cait_tiny_imagenet", "swin_cifar", "swin_tiny_imagenet"]
 VARIANTS = [dict(spt=False, lsa=False), dict(spt=True, lsa=True)]
 
