@@ -30,6 +30,7 @@ from torch import nn
 
 from engine import checkpoint
 from engine.config import Config, ConfigError, load_config, to_dict
+from engine.grad_check import GradientCheck, discard_gradients
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
@@ -43,11 +44,16 @@ from loaders.factory import build_loader, preflight
 log = logging.getLogger("smallvit")
 
 EXIT_INTERRUPTED = 143   # SIGTERM/Ctrl-C: a final checkpoint was written; rerun with run.resume=auto
-EXIT_NONFINITE = 3       # a NaN/inf loss stopped the run (engine.fail_on_nonfinite)
+EXIT_NONFINITE = 3       # a NaN/inf loss or gradient stopped the run (engine.fail_on_nonfinite)
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """A NaN/inf loss or gradient under engine.fail_on_nonfinite; the message names the global step."""
+
+
+def model_size_overrides(model_cfg) -> dict[str, int]:
+    """model.depth / embed_dim / num_heads that are set (non-zero), as create_model keyword overrides."""
+    return {k: getattr(model_cfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(model_cfg, k)}
 
 
 class TrainModule(nn.Module):
@@ -139,6 +145,18 @@ class StopFlag:
         self.signal = signum
 
 
+def resume_step(state: dict, global_batch: int, folder: Path) -> int:
+    """The step within the epoch to resume at: the checkpoint's global sample position (samples of the epoch
+    consumed over all ranks) in batches of this run's global batch. The sample order does not depend on the world
+    size (loaders/order.py), so a run resumed on another number of ranks sees every sample of the epoch once."""
+    saved_batch = state.get("global_batch", global_batch)   # checkpoints before format 2 lack it: same batch
+    consumed = state["step_in_epoch"] * saved_batch
+    if consumed % global_batch:
+        raise ConfigError(f"data.batch_size: {global_batch} does not divide the {consumed} samples of the epoch "
+                          f"that {folder} had consumed (its global batch was {saved_batch})")
+    return consumed // global_batch
+
+
 def train(cfg: Config) -> dict:
     """Run the configured training; return the final summary (also written to out_dir/summary.json)."""
     preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
@@ -164,8 +182,12 @@ def train(cfg: Config) -> dict:
 
     # ---- model, tasks, DeepSpeed
     torch.manual_seed(cfg.run.seed)
-    model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
-                         spt=cfg.model.spt, lsa=cfg.model.lsa)
+    sizes = model_size_overrides(cfg.model)
+    try:
+        model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
+                             spt=cfg.model.spt, lsa=cfg.model.lsa, **sizes)
+    except TypeError as exc:
+        raise ConfigError(f"model.{'/'.join(sizes)}: {cfg.model.name} does not take these sizes ({exc})") from None
     init_pos_embed(model, cfg.model.pos_embed_init)
     if cfg.model.finetune_from:   # by name; report logged and written to out_dir/finetune_load.json
         load_finetune_weights(model, cfg.model, out_dir, rt.is_main)
@@ -179,6 +201,9 @@ def train(cfg: Config) -> dict:
                                   betas=cfg.optim.betas, fused=rt.device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
                                            config=deepspeed_config(cfg, rt.world_size, bf16))
+    if hasattr(engine.optimizer, "averaged_gradients"):   # ZeRO 1/2: never let DeepSpeed apply a non-finite step
+        engine.optimizer.check_grad_overflow = True
+    grad_check = GradientCheck(engine.module)
     forward_model = module.model
     if cfg.engine.compile:   # the training forward (tokens for the tasks) and the eval forward, sharing weights
         model.forward_with_tokens = torch.compile(model.forward_with_tokens)
@@ -193,7 +218,7 @@ def train(cfg: Config) -> dict:
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
 
     # ---- resume
-    epoch, step_in_epoch, global_step, best_top1 = 0, 0, 0, 0.0
+    epoch, step_in_epoch, global_step, best_top1, nonfinite_skipped = 0, 0, 0, 0.0, 0
     if rt.is_main:
         checkpoint.remove_stale(out_dir)
     folder = checkpoint.resolve(out_dir, cfg.run.resume)
@@ -202,9 +227,11 @@ def train(cfg: Config) -> dict:
         if saved["model"] != cfg.model.name or saved["num_classes"] != num_classes:
             raise ConfigError(f"run.resume: {folder} holds {saved['model']} with {saved['num_classes']} classes, "
                               f"the config asks for {cfg.model.name} with {num_classes}")
+        checkpoint.check_world_size(saved, folder, rt.world_size)
         state = checkpoint.load(engine, folder)
-        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        epoch, step_in_epoch = state["epoch"], resume_step(state, cfg.data.batch_size, folder)
         global_step, best_top1 = state["global_step"], state["best_top1"]
+        nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         if rt.is_main:
@@ -224,7 +251,22 @@ def train(cfg: Config) -> dict:
     def save_state() -> Path:
         return checkpoint.save(engine, out_dir, global_step, {
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best_top1": best_top1,
-            "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size}, rt.is_main)
+            "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size,
+            "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
+            "nonfinite_skipped": nonfinite_skipped}, rt.is_main)
+
+    def nonfinite(what: str, value) -> None:
+        """A non-finite loss or gradient at this step: log it, then stop (the default) or count it as skipped."""
+        action = "stopped" if cfg.engine.fail_on_nonfinite else "skipped"
+        step = global_step + 1   # numbered as the metrics number it: the count of steps including this one
+        if run_log:
+            run_log.write({"kind": "nonfinite", "step": step, "epoch": epoch, "what": what,
+                           "value": str(value), "action": action})
+        if cfg.engine.fail_on_nonfinite:
+            raise NonFiniteLoss(f"non-finite {what} {value} at step {step} (epoch {epoch}, step "
+                                f"{step_in_epoch + 1} of the epoch); nothing was saved for this step")
+        if rt.is_main:
+            log.warning("non-finite %s %s at step %d: step skipped", what, value, step)
 
     stop = StopFlag()
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -238,7 +280,7 @@ def train(cfg: Config) -> dict:
                         file=sys.stdout)
     stop.install()
     try:
-        t_start, seen, nonfinite_skipped = time.perf_counter(), 0, 0
+        t_start, seen = time.perf_counter(), 0
         exit_code = 0
         engine.train()
         while epoch < run_epochs and global_step < max_steps and exit_code == 0:
@@ -252,28 +294,36 @@ def train(cfg: Config) -> dict:
                     loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, seed)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
-                    if cfg.engine.fail_on_nonfinite:
-                        raise NonFiniteLoss(f"non-finite loss {loss_value} at global step {global_step} "
-                                            f"(epoch {epoch}, step {step_in_epoch}); nothing was saved for this step")
+                    nonfinite("loss", loss_value)
                     nonfinite_skipped += 1   # no backward, no optimizer step: parameters and state unchanged
-                    if rt.is_main:
-                        log.warning("non-finite loss %s at global step %d: step skipped", loss_value, global_step)
                 else:
                     engine.backward(loss)
-                    engine.step()
+                    if not grad_check.finite():
+                        nonfinite("gradient", "nan/inf")
+                        discard_gradients(engine)   # parameters and optimizer state unchanged
+                        nonfinite_skipped += 1
+                    else:
+                        engine.step()
+                        if not engine.was_step_applied():   # DeepSpeed's own overflow check skipped it
+                            nonfinite("gradient (found by DeepSpeed)", "overflow")
+                            nonfinite_skipped += 1
                 global_step += 1
                 step_in_epoch += 1
                 seen += len(batch) * rt.world_size
                 if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
                     logged = mean_over_ranks({"loss": loss.detach(), **parts})
                     if run_log:
-                        run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **logged})
+                        run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **logged,
+                                       "nonfinite_skipped": nonfinite_skipped})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
                                          img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
                 if stop.signal is not None or (global_step >= max_steps and step_in_epoch < steps_per_epoch):
                     break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints
+                if (cfg.run.checkpoint_every_steps and global_step % cfg.run.checkpoint_every_steps == 0
+                        and step_in_epoch < steps_per_epoch):
+                    save_state()   # mid-epoch; an epoch's end has its own checkpoint rule below
             else:
                 # the epoch ran to its end
                 if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == run_epochs:
@@ -299,6 +349,7 @@ def train(cfg: Config) -> dict:
             break
     finally:
         stop.restore()
+        grad_check.remove()
     if progress is not None:
         progress.close()
     elapsed = time.perf_counter() - t_start
@@ -340,6 +391,9 @@ def run_training(cfg: Config) -> int:
     except (ConfigError, DatasetFileError, FileNotFoundError, NotImplementedError, ValueError) as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)
         return 2
+    except checkpoint.CheckpointError as exc:
+        print(f"smallvit: error: {exc}", file=sys.stderr)
+        return 1
     except NonFiniteLoss as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)
         return EXIT_NONFINITE

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loaders.atomic import write_text_atomic
+
 SIDECAR_FORMAT = 1
 REQUIRED_KEYS = ("dataset", "split", "classes", "num_classes", "num_images", "class_counts", "image", "mean", "std")
 
@@ -49,20 +51,14 @@ def read_sidecar(beton: str | os.PathLike) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in meta]
     if missing:
         raise DatasetFileError(f"{path}: sidecar lacks keys {missing}")
+    size = Path(beton).stat().st_size
+    if isinstance(meta.get("bytes"), int) and size != meta["bytes"]:
+        # a truncated (or appended-to) file: FFCV would read past its end or serve a short epoch
+        raise DatasetFileError(f"{beton}: {size} bytes but its sidecar says {meta['bytes']} (truncated or "
+                               f"modified after conversion; convert it again)")
     return meta
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Write JSON to a temporary file in the same folder, fsync, then rename over `path` (loaders/atomic.py)."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

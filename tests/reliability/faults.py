@@ -1,0 +1,119 @@
+"""Fault injection for the reliability tests: kill a training process at step k, crash a writer after n bytes,
+make writes fail with ENOSPC.
+
+A truly full filesystem needs a mount (root); the disk-full case is therefore a patched writer that writes part of
+its bytes and then raises OSError(ENOSPC), which is what a full disk does to `write(2)`. The crash after n bytes is
+a real kernel-level crash: RLIMIT_FSIZE makes the first write that would grow any file past n bytes kill the process
+with SIGXFSZ, in the middle of whatever it was writing, with no Python cleanup running.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import io
+import json
+import resource
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def logged_steps(out: Path) -> list[int]:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:   # a line being written right now
+            continue
+        if record.get("kind") == "train":
+            steps.append(record["step"])
+    return steps
+
+
+def wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> int:
+    """Block until metrics.jsonl logs a training step >= `step`; return the highest step logged."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        steps = logged_steps(out)
+        if steps and max(steps) >= step:
+            return max(steps)
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before step {step}: "
+                                 f"{_tail(proc)}")
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached in {timeout} s")
+
+
+def _tail(proc: subprocess.Popen) -> str:
+    try:
+        return (proc.stderr.read() or "")[-2000:] if proc.stderr else ""
+    except (OSError, ValueError):
+        return ""
+
+
+def signal_at_step(cmd: list[str], out: Path, step: int, sig: int, env: dict, cwd: Path,
+                   timeout: float = 300) -> tuple[subprocess.Popen, int]:
+    """Start `cmd`, send `sig` once metrics.jsonl logs step >= `step`, wait for the exit.
+    -> (the finished process, the highest step logged when the signal was sent)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = wait_for_step(out, step, proc, timeout)
+        proc.send_signal(sig)
+        proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, seen
+
+
+def kill_at_step(cmd: list[str], out: Path, step: int, env: dict, cwd: Path) -> int:
+    """kill -9 a training run once it has logged step >= `step`; return the step it had logged."""
+    proc, seen = signal_at_step(cmd, out, step, signal.SIGKILL, env, cwd)
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+    return seen
+
+
+def crash_after_bytes(n: int):
+    """A preexec_fn for subprocess.Popen: the child dies (SIGXFSZ) at the first write growing a file past n bytes."""
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
+    return limit
+
+
+@contextlib.contextmanager
+def disk_full(after_bytes: int = 0):
+    """Every file torch.save or safetensors writes gets `after_bytes` bytes, then OSError(ENOSPC), as on a full disk.
+    (Both write through C++, so the patch is at their Python entry points; the partial file stays behind, like a
+    real short write would leave it.)"""
+    import safetensors.torch as st
+
+    real_save, real_save_file = torch.save, st.save_file
+
+    def short_write(path, data: bytes) -> None:
+        with open(path, "wb") as fh:
+            fh.write(data[:after_bytes])
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def save(obj, f, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        if isinstance(f, (str, Path)):
+            short_write(f, buf.getvalue())
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save_file(tensors, filename, metadata=None):
+        short_write(filename, st.save(tensors, metadata=metadata))
+
+    torch.save, st.save_file = save, save_file
+    try:
+        yield
+    finally:
+        torch.save, st.save_file = real_save, real_save_file
