@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,13 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CIFAR10_JPG = SHARED_DATA / "cifar10-jpg.tar.gz"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# One ninja for every process of the suite: DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH,
+# and ninja 1.11 (apt) and 1.13 (the venv's) hash build commands differently, so processes that found different
+# ninjas rebuilt the op (~1.5 min) in turn instead of reusing the cached build. The venv's comes first for all.
+_VENV_BIN = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _VENV_BIN:
+    os.environ["PATH"] = f"{_VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
 
 # In-process training tests join a one-rank process group and so set these; a child process that inherited them
 # would take them for a launcher's and try to rendezvous on the same port.
