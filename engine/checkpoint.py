@@ -17,6 +17,7 @@ is whole in the checkpoint (ZeRO stage 0); ZeRO 1/2 shard it per rank, and check
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -190,10 +191,39 @@ def read_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (ZeRO 1/2 optimizer shards): plain
+    data holders, allowlisted so those files load with torch.load(weights_only=True) like all of ours."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _weights_only(engine):
+    """Make DeepSpeed read its files with weights_only=True (its engine hard-codes False): no pickled code runs."""
+    ckpt_engine = engine.checkpoint_engine
+    real_load = ckpt_engine.load
+
+    def load(path, map_location=None, *args, **kwargs):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+    ckpt_engine.load = load
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        ckpt_engine.load = real_load
+
+
 def load(engine, folder: Path) -> dict[str, Any]:
-    """Collective: restore DeepSpeed's module/optimizer state and return our trainer state."""
-    load_path, _ = engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
-                                          load_lr_scheduler_states=False)
+    """Collective: restore DeepSpeed's module/optimizer state and return our trainer state. Every file is read with
+    torch.load(weights_only=True) (DeepSpeed's too, see safe_globals)."""
+    with _weights_only(engine):
+        load_path, _ = engine.load_checkpoint(str(folder), tag="ds", load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
     if load_path is None:
         raise FileNotFoundError(f"{folder}: DeepSpeed found no checkpoint to load")
     return read_state(folder)

@@ -80,24 +80,28 @@ def kill_at_step(cmd: list[str], out: Path, step: int, env: dict, cwd: Path) -> 
     return seen
 
 
-def crash_after_bytes(n: int):
-    """A preexec_fn for subprocess.Popen: the child dies (SIGXFSZ) at the first write growing a file past n bytes."""
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
-    return limit
+def limit_file_size(n: int) -> None:
+    """From now on this process dies (SIGXFSZ, no cleanup) at the first write that grows any file past n bytes."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (n, n))
 
 
 @contextlib.contextmanager
-def disk_full(after_bytes: int = 0):
-    """Every file torch.save or safetensors writes gets `after_bytes` bytes, then OSError(ENOSPC), as on a full disk.
-    (Both write through C++, so the patch is at their Python entry points; the partial file stays behind, like a
-    real short write would leave it.)"""
+def disk_full(after_bytes: int = 0, fail_at: int = 0):
+    """The `fail_at`-th file (0-based) that torch.save or safetensors writes from now on gets `after_bytes` bytes,
+    then OSError(ENOSPC), as on a full disk; the files before it are written whole. (Both write through C++, so
+    the patch is at their Python entry points; the partial file stays behind, as a real short write leaves it.)"""
     import safetensors.torch as st
 
     real_save, real_save_file = torch.save, st.save_file
+    count = {"n": 0}
 
     def short_write(path, data: bytes) -> None:
+        count["n"] += 1
+        if count["n"] - 1 < fail_at:
+            with open(path, "wb") as fh:
+                fh.write(data)
+            return
         with open(path, "wb") as fh:
             fh.write(data[:after_bytes])
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -105,9 +109,9 @@ def disk_full(after_bytes: int = 0):
     def save(obj, f, *args, **kwargs):
         buf = io.BytesIO()
         real_save(obj, buf, *args, **kwargs)
-        if isinstance(f, (str, Path)):
-            short_write(f, buf.getvalue())
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if not isinstance(f, (str, Path)):
+            return real_save(obj, f, *args, **kwargs)
+        short_write(f, buf.getvalue())
 
     def save_file(tensors, filename, metadata=None):
         short_write(filename, st.save(tensors, metadata=metadata))
