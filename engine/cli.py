@@ -1,4 +1,4 @@
-"""The `smallvit` command: convert, train, eval, inspect, bench, demo.
+"""The `smallvit` command: convert, train, pretrain, eval, inspect, bench, demo.
 
 Each subcommand's --help explains every option with its default; `smallvit train --help` also lists every config
 key of the schema (engine/config.py) with its type and default, settable as key=value overrides.
@@ -46,6 +46,12 @@ def cmd_train(args) -> int:
     from engine.train import run_training
 
     return run_training(_load(args))
+
+
+def cmd_pretrain(args) -> int:
+    from engine.pretrain import run_pretraining
+
+    return run_pretraining(_load(args))
 
 
 def cmd_demo(args) -> int:
@@ -108,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--list-models", action="store_true", help="print the registered model names and exit")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain", formatter_class=_Formatter, epilog=_config_epilog(),
+                       help="self-supervised DINO pretraining on the training set (then fine-tune with train)",
+                       description="Self-supervised pretraining (METHODS.md B): student/teacher DINO on the "
+                                   "multi-crop views of the training set, a k-NN probe on the teacher at each "
+                                   "evaluation; the run's checkpoints export the teacher backbone, which a "
+                                   "fine-tune recipe loads with model.finetune_from=<this run's out_dir>. One "
+                                   "process here; for several GPUs or nodes launch "
+                                   "`deepspeed engine/pretrain.py --config FILE [key=value ...]`.")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("demo", formatter_class=_Formatter, epilog=_config_epilog(),
                        help="convert the embedded digits set and train the demo recipe on it (no network)",

@@ -60,7 +60,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
-    """Training loss per step and test loss/accuracy per epoch, two panels, to a PNG."""
+    """Training loss per step and test loss/accuracy per epoch, two panels, to a PNG. Accuracy curves are those
+    the eval records carry: top1/top5 (supervised), knn_top1 (pretraining's k-NN probe)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,10 +72,14 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> None:
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
-    if evals:
-        ax_loss.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o-", label="test loss")
-        ax_acc.plot([r["epoch"] for r in evals], [r["top1"] for r in evals], "o-", label="test top-1")
-        ax_acc.plot([r["epoch"] for r in evals], [r["top5"] for r in evals], "s--", label="test top-5")
+    if any("loss" in r for r in evals):
+        with_loss = [r for r in evals if "loss" in r]
+        ax_loss.plot([r["step"] for r in with_loss], [r["loss"] for r in with_loss], "o-", label="test loss")
+    for key, style, label in (("top1", "o-", "test top-1"), ("top5", "s--", "test top-5"),
+                              ("knn_top1", "o-", "k-NN top-1")):
+        points = [(r["epoch"], r[key]) for r in evals if key in r]
+        if points:
+            ax_acc.plot(*zip(*points), style, label=label)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
