@@ -10,7 +10,8 @@
       "mean": [0.4914, 0.4822, 0.4465], "std": [0.247, 0.243, 0.261],   # per channel, fractions of 255
       "source": {"path": "...", "sha256": "...", ...},                   # + format facts (labels: fine/coarse)
       "skipped": [{"index": 17, "file": "...", "reason": "..."}],        # --skip-corrupt leftovers, usually []
-      "created": "2026-11-24T23:59:00Z", "bytes": 153600000, "seconds": 12.3
+      "created": "2026-11-24T23:59:00Z", "bytes": 153600000, "seconds": 12.3,
+      "head_sha256": "..."                                               # see head_digest; checked on open
     }
 mean/std are exact (integer pixel histograms) over the pixels as stored, after any --resize/--max-resolution;
 in JPEG mode they describe the pixels before encoding.
@@ -56,7 +57,29 @@ def read_sidecar(beton: str | os.PathLike) -> dict[str, Any]:
         # a truncated (or appended-to) file: FFCV would read past its end or serve a short epoch
         raise DatasetFileError(f"{beton}: {size} bytes but its sidecar says {meta['bytes']} (truncated or "
                                f"modified after conversion; convert it again)")
+    if isinstance(meta.get("head_sha256"), str) and head_digest(beton) != meta["head_sha256"]:
+        # FFCV trusts its header, sample table and page table blindly: a damaged byte there can abort the process
+        raise DatasetFileError(f"{beton}: its header or sample/page tables differ from the conversion's "
+                               f"(head_sha256 mismatch: the file is damaged; convert it again)")
     return meta
+
+
+HEAD_BYTES, TAIL_BYTES = 4 << 20, 1 << 20
+
+
+def head_digest(beton: str | os.PathLike) -> str:
+    """SHA-256 of the structure FFCV reads before any pixel: the first 4 MiB (header, field descriptors, the
+    per-sample table of a set up to ~100k samples) and the last 1 MiB (the page allocation table). Milliseconds
+    to compute; recorded by the writer as the sidecar's "head_sha256" and checked on every open."""
+    import hashlib
+
+    size = Path(beton).stat().st_size
+    h = hashlib.sha256()
+    with open(beton, "rb") as fh:
+        h.update(fh.read(min(size, HEAD_BYTES)))
+        fh.seek(max(0, size - TAIL_BYTES))
+        h.update(fh.read())
+    return h.hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:

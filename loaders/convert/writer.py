@@ -35,7 +35,7 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, sidecar_path, write_json_atomic
+from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, head_digest, sidecar_path, write_json_atomic
 
 # FFCV keeps one page per worker in memory and a sample must fit in a page: 8 MiB holds a raw 1670x1670 image.
 PAGE_SIZE = 1 << 23
@@ -425,6 +425,7 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
             "skipped": [s.as_dict() for s in skipped],
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bytes": tmp.stat().st_size,
+            "head_sha256": head_digest(tmp),   # FFCV's header and tables: checked on every open (read_sidecar)
             "seconds": round(time.perf_counter() - t0, 3),
         }
         meta["mean"], meta["std"] = stats.mean_std()

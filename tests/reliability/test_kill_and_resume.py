@@ -29,44 +29,47 @@ def reference(tiny_betons, tmp_path_factory):
     return out
 
 
-def test_item01_kill_9_then_resume_is_bitwise_identical(tiny_betons, reference, tmp_path):
-    """Item 1: kill -9 at a random step of a small run, resume: every logged loss after the resume (at least the
-    next 50) equals the uninterrupted run's bitwise, and the parameters at the end are identical.
+@pytest.fixture(scope="module")
+def killed_three_times(tiny_betons, tmp_path_factory):
+    """One run to step 72 with a checkpoint every 3 steps, killed (-9) at a random step in each of three windows
+    inside epoch 1 (steps 13-24), each time resumed with run.resume=auto; the last resume runs to the end.
+    -> (run folder, the steps it was killed at, the step each resume started from)."""
+    out = tmp_path_factory.mktemp("killed") / "run"
+    cmd = runs.train_cmd(tiny_betons, out, "run.max_steps=72", "run.checkpoint_every_steps=3")
+    kills, resumed_from = [], []
+    for window in ((16, 17), (19, 20), (22, 23)):   # just after the checkpoints of steps 15, 18 and 21
+        kills.append(faults.kill_at_step(cmd + (["run.resume=auto"] if kills else []), out, rng.randint(*window),
+                                         runs.env(), REPO))
+        resumed_from.append(torch.load(runs.latest(out) / "trainer_state.pt", weights_only=True))
+    runs.run(cmd + ["run.resume=auto"])
+    return out, kills, resumed_from
 
-    The run stops at step 72 (6 epochs; the reference's checkpoint of step 72 is its state there); the kill falls in
-    epoch 1 or 2, so the resume starts at the epoch checkpoint before it and replays >= 50 steps."""
-    out = tmp_path / "run"
-    cmd = runs.train_cmd(tiny_betons, out, "run.max_steps=72")
-    target = rng.randint(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH - 2)
-    killed_at = faults.kill_at_step(cmd, out, target, runs.env(), REPO)
-    why = f"(RELIABILITY_SEED={SEED}, killed at step {killed_at})"
-    resumed_from = torch.load(runs.latest(out) / "trainer_state.pt", weights_only=True)
-    assert resumed_from["global_step"] <= killed_at, why
-    runs.run(runs.train_cmd(tiny_betons, out, "run.max_steps=72", "run.resume=auto"))
-    after = range(resumed_from["global_step"] + 1, 73)
-    assert len(after) >= 50, why
-    runs.assert_equal_losses(runs.losses(out), runs.losses(reference), after)
+
+def test_item01_kill_9_then_resume_is_bitwise_identical(reference, killed_three_times):
+    """Item 1: kill -9 at a random step of a small run, resume: every logged loss after the resume (at least the
+    next 50) equals the uninterrupted run's bitwise, and the parameters at the end (step 72) are identical.
+
+    The kill is the last of item 4's three (a random step of 22-23); the resume starts from the mid-epoch
+    checkpoint before it (step 21) and replays 51 steps."""
+    out, kills, resumed_from = killed_three_times
+    why = f"(RELIABILITY_SEED={SEED}, killed at step {kills[-1]})"
+    start = resumed_from[-1]["global_step"]
+    assert start <= kills[-1] and 72 - start >= 50, why
+    runs.assert_equal_losses(runs.losses(out), runs.losses(reference), range(start + 1, 73))
     runs.assert_same_weights(runs.latest(out), reference / "checkpoints" / "step_00000072")
 
 
-def test_item04_three_kills_inside_one_epoch(tiny_betons, reference, tmp_path):
-    """Item 4: three kill -9 / resume cycles inside one epoch (epoch 1, steps 13-24, with a checkpoint every 2
-    steps so each resume starts mid-epoch from the loader position): the parameters at the epoch's end are
-    identical to the uninterrupted run's, and so are all 24 logged losses."""
-    out = tmp_path / "run"
-    cmd = runs.train_cmd(tiny_betons, out, "run.max_steps=24", "run.checkpoint_every_steps=2")
-    kills = []
-    for window in ((14, 16), (18, 20), (21, 23)):
-        target = rng.randint(*window)
-        resume = ["run.resume=auto"] if kills else []
-        kills.append(faults.kill_at_step(cmd + resume, out, target, runs.env(), REPO))
-        state = torch.load(runs.latest(out) / "trainer_state.pt", weights_only=True)
-        assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < STEPS_PER_EPOCH, (state, kills, SEED)
-    runs.run(cmd + ["run.resume=auto"])
+def test_item04_three_kills_inside_one_epoch(reference, killed_three_times):
+    """Item 4: three kill -9 / resume cycles inside one epoch (epoch 1; each resume starts mid-epoch from the
+    loader position of a step checkpoint): the parameters at the epoch's end (step 24) are identical to the
+    uninterrupted run's, and so is every logged loss of the run."""
+    out, kills, resumed_from = killed_three_times
     why = f"(RELIABILITY_SEED={SEED}, kills at steps {kills})"
-    assert runs.latest(out).name == "step_00000024", why
-    runs.assert_equal_losses(runs.losses(out), runs.losses(reference), range(1, 25))
-    runs.assert_same_weights(runs.latest(out), reference / "checkpoints" / "step_00000024")
+    for state, kill in zip(resumed_from, kills):
+        assert state["epoch"] == 1 and 0 < state["step_in_epoch"] < STEPS_PER_EPOCH, why
+        assert kill - 3 < state["global_step"] <= kill, why
+    runs.assert_equal_losses(runs.losses(out), runs.losses(reference), range(1, 73))
+    runs.assert_same_weights(out / "checkpoints" / "step_00000024", reference / "checkpoints" / "step_00000024")
 
 
 def test_item15_golden_losses(reference):
