@@ -1,5 +1,4 @@
 """Checkpoint files under faults: a crash mid-save, a full disk, an old checkpoint, and what loading trusts."""
-import errno
 import json
 import os
 import random

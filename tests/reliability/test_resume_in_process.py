@@ -179,3 +179,55 @@ def test_item13_nonfinite_loss_and_gradient_stop_or_skip(tiny_betons, tmp_path, 
     assert runs.differences(p0, p1), "a normal step must change the parameters"
     assert all(math.isfinite(v) for v in runs.losses(out).values() if v == v) and \
         all(torch.isfinite(p).all() for p in runs.weights(runs.latest(out)).values())
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1])
+def test_item13_bf16_inf_gradient_detected_and_skipped(zero_stage):
+    """Item 13 (bf16): under DeepSpeed's real bf16 (bf16 weights, its bf16 optimizers, which run on the CPU
+    accelerator; train() itself keeps fp32 on the CPU) an Inf gradient with a finite loss is caught before the
+    optimizer step, and discarding it leaves parameters and optimizer state unchanged, while a normal step
+    changes them. (The whole loop under bf16 needs CUDA: engine.precision=bf16 falls back to fp32 on the CPU.)"""
+    import deepspeed
+
+    from engine.grad_check import GradientCheck, discard_gradients
+    from engine.models import create_model
+    from engine.runtime import init_runtime
+    from engine.train import TrainModule, param_groups
+    from loaders.batch import Batch
+
+    init_runtime("cpu")
+    torch.manual_seed(0)
+    model = create_model("vit_cifar", num_classes=4, drop_path=0.0, depth=2, embed_dim=32, num_heads=2)
+    module = TrainModule(model, torch.nn.ModuleList(), 0.0)
+    optimizer = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-3)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config={
+        "train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+        "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10**9})
+    if hasattr(engine.optimizer, "averaged_gradients"):
+        engine.optimizer.check_grad_overflow = True        # as train() sets it
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    check = GradientCheck(engine.module)
+    batch = Batch(images=torch.randn(4, 3, 32, 32).bfloat16(), labels=torch.arange(4), index=torch.arange(4))
+
+    def snapshot():
+        return ({n: p.detach().clone() for n, p in engine.module.named_parameters()},
+                _clone(engine.optimizer.state_dict()))
+
+    for step, poisoned in enumerate([False, True, False]):
+        before = snapshot()
+        loss, _ = engine(batch, 0.0, step)
+        assert math.isfinite(loss.item())
+        engine.backward(_InfGradient.apply(loss) if poisoned else loss)
+        finite = check.finite()
+        assert finite == (not poisoned), step
+        if finite:
+            engine.step()
+            assert runs.differences(before[0], snapshot()[0]), "a normal bf16 step must change the parameters"
+        else:
+            discard_gradients(engine)
+            after = snapshot()
+            for state in (before[1], after[1]):
+                state.pop("overflow", None)   # the status flag of the last step, not optimizer state
+            changed = runs.differences(before, after)
+            assert not changed, f"the skipped bf16 step changed {changed[:3]}"
+    check.remove()
