@@ -36,6 +36,7 @@ from torch import nn
 
 from engine import checkpoint
 from engine.config import Config, ConfigError, load_config, to_dict
+from engine.grad_check import GradientCheck, discard_gradients
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
 from engine.run_log import RunLog, environment, plot_curves
@@ -177,13 +178,14 @@ def pretrain(cfg: Config) -> dict:
     ds_config["gradient_clipping"] = cfg.optim.clip_grad if cfg.ssl.clip_mode == "global" else 0.0
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     last_layer = student.head.last_layer_parameters()
+    grad_check = GradientCheck(student)
 
     total_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
     peak_lr = cfg.optim.lr * (cfg.data.batch_size / 256.0 if cfg.ssl.lr_per_256 else 1.0)
 
     # ---- resume
-    epoch, step_in_epoch, global_step, best_knn = 0, 0, 0, 0.0
+    epoch, step_in_epoch, global_step, best_knn, nonfinite_skipped = 0, 0, 0, 0.0, 0
     if rt.is_main:
         checkpoint.remove_stale(out_dir)
     folder = checkpoint.resolve(out_dir, cfg.run.resume)
@@ -197,6 +199,7 @@ def pretrain(cfg: Config) -> dict:
         dino_loss.center.copy_(state["center"])
         epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
         global_step, best_knn = state["global_step"], state["best_knn"]
+        nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if step_in_epoch >= steps_per_epoch:
             epoch, step_in_epoch = epoch + 1, 0
         if rt.is_main:
@@ -217,8 +220,22 @@ def pretrain(cfg: Config) -> dict:
         return checkpoint.save(engine, out_dir, global_step, {
             "stage": STAGE, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_knn": best_knn, "model": cfg.model.name, "world_size": rt.world_size,
+            "global_batch": cfg.data.batch_size, "nonfinite_skipped": nonfinite_skipped,
             "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
             "center": dino_loss.center.detach().cpu()}, rt.is_main, export=teacher.model)
+
+    def nonfinite(what: str, value) -> None:
+        """A non-finite loss or gradient at this step: log it, then stop (the default) or count it as skipped."""
+        action = "stopped" if cfg.engine.fail_on_nonfinite else "skipped"
+        step = global_step + 1
+        if run_log:
+            run_log.write({"kind": "nonfinite", "step": step, "epoch": epoch, "what": what, "value": str(value),
+                           "action": action})
+        if cfg.engine.fail_on_nonfinite:
+            raise NonFiniteLoss(f"non-finite {what} {value} at step {step} (epoch {epoch}, step "
+                                f"{step_in_epoch + 1} of the epoch); nothing was saved for this step")
+        if rt.is_main:
+            log.warning("non-finite %s %s at step %d: step skipped", what, value, step)
 
     stop = StopFlag()
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -232,7 +249,7 @@ def pretrain(cfg: Config) -> dict:
     last_knn = None
     stop.install()
     try:
-        t_start, seen, nonfinite_skipped, exit_code = time.perf_counter(), 0, 0, 0
+        t_start, seen, exit_code = time.perf_counter(), 0, 0
         engine.train()
         while epoch < cfg.optim.epochs and global_step < max_steps and exit_code == 0:
             for batch in train_loader.epoch(epoch, step_in_epoch):
@@ -251,23 +268,25 @@ def pretrain(cfg: Config) -> dict:
                     student_out = engine(crops)
                     loss = dino_loss(student_out, teacher_out, epoch)
                 loss_value = loss.item()
+                applied = False   # a skipped step updates nothing: student, optimizer state, teacher, centre
                 if not math.isfinite(loss_value):
-                    if cfg.engine.fail_on_nonfinite:
-                        raise NonFiniteLoss(f"non-finite loss {loss_value} at global step {global_step} "
-                                            f"(epoch {epoch}, step {step_in_epoch}); nothing was saved for this step")
-                    nonfinite_skipped += 1   # no update of student, teacher or centre
-                    if rt.is_main:
-                        log.warning("non-finite loss %s at global step %d: step skipped", loss_value, global_step)
+                    nonfinite("loss", loss_value)
                 else:
                     engine.backward(loss)
-                    if cfg.optim.clip_grad > 0 and cfg.ssl.clip_mode == "per_param":
-                        clip_per_parameter(student.parameters(), cfg.optim.clip_grad)
-                    if epoch < cfg.ssl.freeze_last_layer:
-                        for p in last_layer:   # DINO's cancel_gradients_last_layer: no grad, so AdamW skips them
-                            p.grad = None
-                    engine.step()
-                    ema_update(teacher, student, momentum)
-                    dino_loss.update_center(teacher_out)
+                    if not grad_check.finite():
+                        nonfinite("gradient", "nan/inf")
+                        discard_gradients(engine)
+                    else:
+                        if cfg.optim.clip_grad > 0 and cfg.ssl.clip_mode == "per_param":
+                            clip_per_parameter(student.parameters(), cfg.optim.clip_grad)
+                        if epoch < cfg.ssl.freeze_last_layer:
+                            for p in last_layer:   # DINO's cancel_gradients_last_layer: no grad, AdamW skips them
+                                p.grad = None
+                        engine.step()
+                        ema_update(teacher, student, momentum)
+                        dino_loss.update_center(teacher_out)
+                        applied = True
+                nonfinite_skipped += 0 if applied else 1
                 global_step += 1
                 step_in_epoch += 1
                 seen += len(batch) * rt.world_size
@@ -282,7 +301,7 @@ def pretrain(cfg: Config) -> dict:
                         warned_epoch = epoch
                     if run_log:
                         run_log.write({"kind": "train", "step": global_step, "epoch": epoch, **logged,
-                                       "collapse": bool(warning)})
+                                       "collapse": bool(warning), "nonfinite_skipped": nonfinite_skipped})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",

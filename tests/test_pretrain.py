@@ -177,3 +177,41 @@ def test_finetune_from_the_pretraining_run_loads_the_teacher_backbone(full_run, 
     assert sorted(report["loaded"]) == sorted(exported)
     assert sorted(report["missing"]) == ["head.bias", "head.weight"]
     assert report["unexpected"] == [] and report["mismatched"] == []
+
+
+@pytest.mark.parametrize("fail", [True, False])
+def test_nonfinite_gradient_stops_or_skips_without_touching_student_teacher_or_centre(tiny_betons, tmp_path, fail,
+                                                                                     monkeypatch):
+    """An Inf injected into one gradient at step 3: the run stops naming step 3 (default), or with
+    engine.fail_on_nonfinite=false skips it — counted, and the student, teacher and centre equal a run that
+    stopped before it."""
+    import engine.pretrain as pretrain_module
+    from engine.train import NonFiniteLoss
+
+    real_clip = pretrain_module.GradientCheck
+
+    class PoisonedCheck(real_clip):
+        """Sees step 3's gradients as containing an Inf (the check is what the loop trusts)."""
+        calls = 0
+
+        def finite(self):
+            PoisonedCheck.calls += 1
+            result = super().finite()
+            return result and PoisonedCheck.calls != 3
+
+    monkeypatch.setattr(pretrain_module, "GradientCheck", PoisonedCheck)
+    out = tmp_path / "run"
+    if fail:
+        with pytest.raises(NonFiniteLoss, match="gradient .* at step 3 "):
+            pretrain_module.pretrain(_cfg(tiny_betons, out, "run.max_steps=4"))
+        return
+    summary = pretrain_module.pretrain(_cfg(tiny_betons, out, "run.max_steps=3", "engine.fail_on_nonfinite=false"))
+    assert summary["nonfinite_skipped"] == 1
+    monkeypatch.setattr(pretrain_module, "GradientCheck", real_clip)
+    before = tmp_path / "before"
+    pretrain_module.pretrain(_cfg(tiny_betons, before, "run.max_steps=2"))
+    a, b = checkpoint.read_state(checkpoint.find(out)), checkpoint.read_state(checkpoint.find(before))
+    assert torch.equal(a["center"], b["center"])
+    assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])
+    sa, sb = _student_weights(checkpoint.find(out)), _student_weights(checkpoint.find(before))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
