@@ -1,6 +1,7 @@
 """Every bench runs end to end at a tiny size and writes the outputs it promises: a JSON with the environment and
 one row per variant, a bar chart PNG, and (unless told not to) markdown lines. CPU only; speed is not asserted."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,29 @@ def test_bench_train_tiny(tmp_path):
 def test_bench_usage_lists_every_bench(capsys):
     assert bench_main.main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("loaders", "heads", "train", "convert"):
+    for name in ("loaders", "heads", "train", "convert", "ssl"):
         assert name in out
     assert bench_main.main(["nonsense"]) == 2
+
+
+def test_bench_ssl_tiny(tmp_path, tiny_betons):
+    """Random-init k-NN, DINO k-NN per evaluation, fine-tune vs scratch: one row each, curves and summaries in
+    the JSON (accuracy, not speed: values are only range-checked)."""
+    tiny = ["--set", f"data.train={tiny_betons['train']}", "--set", f"data.test={tiny_betons['test']}",
+            "--set", "data.dataset=tiny", "--set", "data.loader=resident", "--set", "data.batch_size=16",
+            "--set", "model.depth=1", "--set", "model.embed_dim=32", "--set", "model.num_heads=2",
+            "--set", "engine.precision=fp32", "--set", "run.progress=false", "--set", "data.eval_batch_size=48",
+            "--pretrain-set", "data.local_crops=2", "--pretrain-set", "ssl.out_dim=64",
+            "--finetune-set", "data.auto_augment=none"]
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    rc = bench_main.main(["ssl", "--pretrain-config", str(configs / "ssl_cifar10_vit.yaml"), "--finetune-config",
+                          str(configs / "cifar10_vit_finetune.yaml"), "--pretrain-epochs", "1", "--finetune-epochs", "1",
+                          "--work-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path), "--device", "cpu", *tiny])
+    assert rc == 0
+    data = json.loads((tmp_path / "ssl_cpu.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["k-NN, random init", "k-NN, DINO epoch 1",
+                                                    "fine-tune from DINO, best test top-1", "scratch, best test top-1"]
+    assert all(0 <= r["top1"] <= 100 for r in data["rows"])
+    assert len(data["curves"]["pretrain_knn"]) == 1 and len(data["curves"]["scratch"]) == 1
+    assert json.loads((tmp_path / "runs" / "fine-tune" / "finetune_load.json").read_text())["loaded"]
+    assert (tmp_path / "README.md").read_text().count(" | ssl | ") == 4
