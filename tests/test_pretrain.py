@@ -16,14 +16,18 @@ from engine.run_log import read_metrics
 STEPS_PER_EPOCH = 96 // 16
 
 
-def _cfg(betons, out_dir, *extra):
-    return config_from_dict({}, [
+def _overrides(betons, out_dir, *extra) -> list[str]:
+    return [
         f"data.train={betons['train']}", f"data.test={betons['test']}", "data.dataset=tiny", "data.loader=resident",
         "data.batch_size=16", "data.eval_batch_size=48", "data.multicrop=true", "data.local_crops=2",
         "data.crop_padding=0", "data.flip=false", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
         "ssl.out_dim=64", "ssl.hidden_dim=32", "ssl.bottleneck_dim=16", "ssl.warmup_teacher_temp_epochs=2",
         "optim.epochs=2", "optim.warmup_epochs=1", "optim.lr=1e-3", "optim.weight_decay=0.04", "optim.clip_grad=3.0",
-        "engine.precision=fp32", f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=1", *extra])
+        "engine.precision=fp32", f"run.out_dir={out_dir}", "run.progress=false", "run.log_every=1", *extra]
+
+
+def _cfg(betons, out_dir, *extra):
+    return config_from_dict({}, _overrides(betons, out_dir, *extra))
 
 
 def _student_weights(folder) -> dict[str, torch.Tensor]:
@@ -215,3 +219,38 @@ def test_nonfinite_gradient_stops_or_skips_without_touching_student_teacher_or_c
     assert all(torch.equal(a["teacher"][k], b["teacher"][k]) for k in a["teacher"])
     sa, sb = _student_weights(checkpoint.find(out)), _student_weights(checkpoint.find(before))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_ranks_through_the_launcher_equal_one_rank(tiny_betons, tmp_path):
+    """`deepspeed --num_gpus 2 engine/pretrain.py` (gloo): the same global batch split over 2 ranks gives the
+    1-rank run's losses at every step (gradients averaged before clipping, the centre averaged over ranks, the EMA
+    of identical students), and the k-NN evaluation on the main rank does not hang the other."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import subprocess_env
+
+    repo = Path(__file__).resolve().parents[1]
+    env = subprocess_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    runs = {}
+    for ranks in (1, 2):
+        out = tmp_path / f"r{ranks}"
+        overrides = _overrides(tiny_betons, out)
+        cmd = (["deepspeed", "--num_gpus", "2", "--master_port", str(port)] if ranks == 2 else [sys.executable])
+        res = subprocess.run([*cmd, str(repo / "engine" / "pretrain.py"), *overrides, "model.drop_path=0.0",
+                              f"run.max_steps={STEPS_PER_EPOCH}", "optim.epochs=1", "optim.warmup_epochs=0"],
+                             cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        runs[ranks] = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+        assert any(r["kind"] == "eval" for r in read_metrics(out / "metrics.jsonl"))
+    assert sorted(runs[2]) == list(range(1, STEPS_PER_EPOCH + 1))
+    for step, loss in runs[1].items():
+        assert runs[2][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
