@@ -1,5 +1,6 @@
-"""Fault injection for the reliability tests: kill a training process at step k, crash a writer after n bytes,
-make writes fail with ENOSPC.
+"""Fault injection for the reliability tests: kill a training process at step k (SIGKILL from inside the traced
+run, exact) or signal it once the log reaches step k (from outside), crash a writer after n bytes, make writes fail
+with ENOSPC.
 
 A truly full filesystem needs a mount (root); the disk-full case is therefore a patched writer that writes part of
 its bytes and then raises OSError(ENOSPC), which is what a full disk does to `write(2)`. The crash after n bytes is
@@ -73,11 +74,23 @@ def signal_at_step(cmd: list[str], out: Path, step: int, sig: int, env: dict, cw
     return proc, seen
 
 
+def _signalled_in_step(cmd: list[str], variable: str, step: int, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env={**env, variable: str(step)}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=600)
+
+
 def kill_at_step(cmd: list[str], out: Path, step: int, env: dict, cwd: Path) -> int:
-    """kill -9 a training run once it has logged step >= `step`; return the step it had logged."""
-    proc, seen = signal_at_step(cmd, out, step, signal.SIGKILL, env, cwd)
-    assert proc.returncode == -signal.SIGKILL, proc.returncode
-    return seen
+    """Run a traced training command (tests/reliability/traced_train.py) that gets SIGKILL in step `step`, after
+    its forward and before its optimizer step; return `step`. The log holds steps up to step - 1."""
+    proc = _signalled_in_step(cmd, "RELIABILITY_KILL_AT_STEP", step, env, cwd)
+    assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert max(logged_steps(out)) == step - 1, (step, max(logged_steps(out), default=None))
+    return step
+
+
+def term_at_step(cmd: list[str], step: int, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a traced training command that gets SIGTERM in step `step` (after its forward); the finished process."""
+    return _signalled_in_step(cmd, "RELIABILITY_TERM_AT_STEP", step, env, cwd)
 
 
 def limit_file_size(n: int) -> None:

@@ -6,6 +6,9 @@
 Each rank appends one JSON line per training step to run.out_dir/trace/rank{r}.jsonl (flushed at once, so a killed
 run keeps every finished line): the global step, the sample indices of its batch, a SHA-1 of the augmented images
 (equal digests = equal sampled augmentation parameters), the labels and the rank's own loss before averaging.
+With RELIABILITY_KILL_AT_STEP=k (or RELIABILITY_TERM_AT_STEP=k) in the environment the process sends itself SIGKILL
+(SIGTERM) in step k, right after the forward (faults.kill_at_step / term_at_step): an exact step, which polling the
+log from outside cannot give on a fast machine.
 Only the test harness wraps the engine; the engine itself is unchanged.
 """
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -29,6 +34,8 @@ def tracing(out_dir: str | Path):
     import engine.train as train_module
 
     state: dict = {"step": None, "rank": 0, "fh": None}
+    signals = {signal.SIGKILL: int(os.environ.get("RELIABILITY_KILL_AT_STEP", "0")),
+               signal.SIGTERM: int(os.environ.get("RELIABILITY_TERM_AT_STEP", "0"))}
     real_seed, real_forward = train_module.step_seed, train_module.TrainModule.forward
 
     def step_seed(seed, global_step, rank):
@@ -45,6 +52,9 @@ def tracing(out_dir: str | Path):
                                       "index": batch.index.tolist(), "labels": batch.labels.tolist(),
                                       "images": _digest(batch.images), "loss": loss.item()}) + "\n")
         state["fh"].flush()
+        for sig, at in signals.items():   # faults.kill_at_step / term_at_step: a real signal, mid-step
+            if state["step"] == at:
+                os.kill(os.getpid(), sig)
         return loss, parts
 
     train_module.step_seed, train_module.TrainModule.forward = step_seed, forward
