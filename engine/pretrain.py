@@ -18,8 +18,6 @@ exports the teacher backbone (no DINO head) as model.safetensors: what `model.fi
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import logging
 import math
 import sys
@@ -35,19 +33,19 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import checkpoint
-from engine.config import Config, ConfigError, load_config, to_dict
+from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck, discard_gradients
+from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
+                         report_nonfinite, run_reporting_errors)
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
-from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
 from engine.ssl.backbone import MultiCropBackbone, pooled_features
 from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
-from engine.train import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, StopFlag, mean_over_ranks,
-                          model_size_overrides, param_groups)
+from engine.train import StopFlag, mean_over_ranks, model_size_overrides, param_groups, resume_step
 from loaders.factory import build_loader, preflight
 
 log = logging.getLogger("smallvit")
@@ -194,10 +192,11 @@ def pretrain(cfg: Config) -> dict:
         if saved.get("stage") != STAGE or saved["model"] != cfg.model.name:
             raise ConfigError(f"run.resume: {folder} is a {saved.get('stage', 'supervised')} checkpoint of "
                               f"{saved['model']}, not a pretraining checkpoint of {cfg.model.name}")
+        checkpoint.check_world_size(saved, folder, rt.world_size)
         state = checkpoint.load(engine, folder)
         teacher.load_state_dict(state["teacher"])
         dino_loss.center.copy_(state["center"])
-        epoch, step_in_epoch = state["epoch"], state["step_in_epoch"]
+        epoch, step_in_epoch = state["epoch"], resume_step(state, cfg.data.batch_size, folder)
         global_step, best_knn = state["global_step"], state["best_knn"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
         if step_in_epoch >= steps_per_epoch:
@@ -206,45 +205,24 @@ def pretrain(cfg: Config) -> dict:
             log.info("resumed from %s at epoch %d step %d (global step %d)", folder, epoch, step_in_epoch,
                      global_step)
 
-    run_log = None
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (out_dir / "environment.json").write_text(json.dumps({**environment(), "world_size": rt.world_size,
-                                                               "device": str(rt.device)}, indent=2))
-        run_log = RunLog(out_dir)
+    run_log = open_run_folder(cfg, rt, out_dir)
 
     def save_state() -> Path:
         return checkpoint.save(engine, out_dir, global_step, {
             "stage": STAGE, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_knn": best_knn, "model": cfg.model.name, "world_size": rt.world_size,
-            "global_batch": cfg.data.batch_size, "nonfinite_skipped": nonfinite_skipped,
+            "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
+            "nonfinite_skipped": nonfinite_skipped,
             "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
             "center": dino_loss.center.detach().cpu()}, rt.is_main, export=teacher.model)
 
     def nonfinite(what: str, value) -> None:
-        """A non-finite loss or gradient at this step: log it, then stop (the default) or count it as skipped."""
-        action = "stopped" if cfg.engine.fail_on_nonfinite else "skipped"
-        step = global_step + 1
-        if run_log:
-            run_log.write({"kind": "nonfinite", "step": step, "epoch": epoch, "what": what, "value": str(value),
-                           "action": action})
-        if cfg.engine.fail_on_nonfinite:
-            raise NonFiniteLoss(f"non-finite {what} {value} at step {step} (epoch {epoch}, step "
-                                f"{step_in_epoch + 1} of the epoch); nothing was saved for this step")
-        if rt.is_main:
-            log.warning("non-finite %s %s at step %d: step skipped", what, value, step)
+        report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
 
     stop = StopFlag()
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     max_steps = cfg.run.max_steps or cfg.optim.epochs * steps_per_epoch
-    progress = None
-    if rt.is_main and cfg.run.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=max_steps, initial=global_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+    progress = progress_bar(cfg, rt, max_steps, global_step)
     warned_epoch = -1
     last_knn = None
     stop.install()
@@ -341,49 +319,23 @@ def pretrain(cfg: Config) -> dict:
                "best_knn": best_knn, "seconds": round(elapsed, 2),
                "images_per_second": round(seen / max(elapsed, 1e-9), 1), "exit_code": exit_code,
                "nonfinite_skipped": nonfinite_skipped}
-    if rt.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_log.close()
-        if (out_dir / "metrics.jsonl").is_file():
-            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    close_run(rt, out_dir, run_log, summary)
     return summary
 
 
 def run_pretraining(cfg: Config) -> int:
     """Pretrain and turn the known failures into one line and an exit code."""
-    from loaders.sidecar import DatasetFileError
-
-    try:
-        summary = pretrain(cfg)
-    except (ConfigError, DatasetFileError, FileNotFoundError, NotImplementedError, ValueError) as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
-    if summary["exit_code"] == 0 and summary["knn_top1"] is not None:
+    code, summary = run_reporting_errors(pretrain, cfg)
+    if code == 0 and summary["knn_top1"] is not None:
         print(f"final k-NN top-1 {summary['knn_top1']:.2f}% (best {summary['best_knn']:.2f}%), "
               f"{summary['images_per_second']:.0f} img/s, {summary['seconds']:.0f} s; fine-tune with "
               f"model.finetune_from={cfg.run.out_dir}")
-    return summary["exit_code"]
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     """`deepspeed engine/pretrain.py --config FILE [key=value ...]` (DeepSpeed adds --local_rank)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="smallvit self-supervised (DINO) pretraining under DeepSpeed")
-    parser.add_argument("--config", default="", help="YAML recipe (configs/ssl_*.yaml)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.epochs=50")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config or None, args.overrides)
-    except ConfigError as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return 2
-    return run_pretraining(cfg)
+    return launcher_main(argv, "smallvit self-supervised (DINO) pretraining under DeepSpeed", run_pretraining)
 
 
 if __name__ == "__main__":

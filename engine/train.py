@@ -11,10 +11,8 @@ run continues exactly where the interrupted one was.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -29,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import checkpoint
-from engine.config import Config, ConfigError, load_config, to_dict
+from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck, discard_gradients
+from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_run, launcher_main,  # noqa: F401
+                         open_run_folder, progress_bar, report_nonfinite, run_reporting_errors)
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
-from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
 from engine.schedule import lr_at
 from engine.tasks import build_tasks, class_ce, effective_epochs
@@ -43,12 +42,6 @@ from loaders.factory import build_loader, preflight
 
 log = logging.getLogger("smallvit")
 
-EXIT_INTERRUPTED = 143   # SIGTERM/Ctrl-C: a final checkpoint was written; rerun with run.resume=auto
-EXIT_NONFINITE = 3       # a NaN/inf loss or gradient stopped the run (engine.fail_on_nonfinite)
-
-
-class NonFiniteLoss(RuntimeError):
-    """A NaN/inf loss or gradient under engine.fail_on_nonfinite; the message names the global step."""
 
 
 def model_size_overrides(model_cfg) -> dict[str, int]:
@@ -238,15 +231,7 @@ def train(cfg: Config) -> dict:
             log.info("resumed from %s at epoch %d step %d (global step %d)", folder, epoch, step_in_epoch,
                      global_step)
 
-    run_log = None
-    if rt.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (out_dir / "environment.json").write_text(json.dumps({**environment(), "world_size": rt.world_size,
-                                                               "device": str(rt.device)}, indent=2))
-        run_log = RunLog(out_dir)
+    run_log = open_run_folder(cfg, rt, out_dir)
 
     def save_state() -> Path:
         return checkpoint.save(engine, out_dir, global_step, {
@@ -256,28 +241,13 @@ def train(cfg: Config) -> dict:
             "nonfinite_skipped": nonfinite_skipped}, rt.is_main)
 
     def nonfinite(what: str, value) -> None:
-        """A non-finite loss or gradient at this step: log it, then stop (the default) or count it as skipped."""
-        action = "stopped" if cfg.engine.fail_on_nonfinite else "skipped"
-        step = global_step + 1   # numbered as the metrics number it: the count of steps including this one
-        if run_log:
-            run_log.write({"kind": "nonfinite", "step": step, "epoch": epoch, "what": what,
-                           "value": str(value), "action": action})
-        if cfg.engine.fail_on_nonfinite:
-            raise NonFiniteLoss(f"non-finite {what} {value} at step {step} (epoch {epoch}, step "
-                                f"{step_in_epoch + 1} of the epoch); nothing was saved for this step")
-        if rt.is_main:
-            log.warning("non-finite %s %s at step %d: step skipped", what, value, step)
+        report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
 
     stop = StopFlag()
     autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     max_steps = cfg.run.max_steps or run_epochs * steps_per_epoch
     last_eval: dict = {}
-    progress = None
-    if rt.is_main and cfg.run.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=max_steps, initial=global_step, unit="step", dynamic_ncols=True,
-                        file=sys.stdout)
+    progress = progress_bar(cfg, rt, max_steps, global_step)
     stop.install()
     try:
         t_start, seen = time.perf_counter(), 0
@@ -356,51 +326,22 @@ def train(cfg: Config) -> dict:
     summary = {"epochs_done": epoch, "global_step": global_step, "best_top1": best_top1,
                "last": last_eval, "seconds": round(elapsed, 2), "images_per_second": round(seen / max(elapsed, 1e-9), 1),
                "exit_code": exit_code, "nonfinite_skipped": nonfinite_skipped}
-    if rt.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        run_log.close()
-        if (out_dir / "metrics.jsonl").is_file():
-            plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+    close_run(rt, out_dir, run_log, summary)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     """`deepspeed engine/train.py --config FILE [key=value ...]` (DeepSpeed adds --local_rank)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="smallvit training under DeepSpeed")
-    parser.add_argument("--config", default="", help="YAML recipe (default: built-in defaults)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config or None, args.overrides)
-    except ConfigError as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return 2
-    return run_training(cfg)
+    return launcher_main(argv, "smallvit training under DeepSpeed", run_training)
 
 
 def run_training(cfg: Config) -> int:
     """Train and turn the known failures into one line and an exit code."""
-    from loaders.sidecar import DatasetFileError
-
-    try:
-        summary = train(cfg)
-    except (ConfigError, DatasetFileError, FileNotFoundError, NotImplementedError, ValueError) as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return 2
-    except checkpoint.CheckpointError as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return 1
-    except NonFiniteLoss as exc:
-        print(f"smallvit: error: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
-    if summary["exit_code"] == 0 and summary.get("last"):
+    code, summary = run_reporting_errors(train, cfg)
+    if code == 0 and summary.get("last"):
         print(f"final test top-1 {summary['last']['top1']:.2f}% (best {summary['best_top1']:.2f}%), "
               f"{summary['images_per_second']:.0f} img/s, {summary['seconds']:.0f} s")
-    return summary["exit_code"]
+    return code
 
 
 if __name__ == "__main__":

@@ -1,0 +1,109 @@
+"""What the supervised loop (engine/train.py) and the pretraining loop (engine/pretrain.py) share around their
+steps: the run folder, the non-finite report, the progress bar, the closing summary, and the launcher entry."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from engine.config import Config, ConfigError, load_config, to_dict
+from engine.run_log import RunLog, environment, plot_curves
+from engine.runtime import Runtime
+
+log = logging.getLogger("smallvit")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN/inf loss or gradient under engine.fail_on_nonfinite; the message names the global step."""
+
+
+def open_run_folder(cfg: Config, rt: Runtime, out_dir: Path) -> Optional[RunLog]:
+    """Main rank: create out_dir with the resolved config.yaml and environment.json; return its RunLog (None on
+    the other ranks)."""
+    if not rt.is_main:
+        return None
+    import yaml
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out_dir / "environment.json").write_text(json.dumps({**environment(), "world_size": rt.world_size,
+                                                           "device": str(rt.device)}, indent=2))
+    return RunLog(out_dir)
+
+
+def report_nonfinite(cfg: Config, rt: Runtime, run_log: Optional[RunLog], what: str, value, global_step: int,
+                     epoch: int, step_in_epoch: int) -> None:
+    """A non-finite loss or gradient in the step after `global_step`: log it, then raise NonFiniteLoss
+    (engine.fail_on_nonfinite, the default) or return so the caller skips the step and counts it."""
+    action = "stopped" if cfg.engine.fail_on_nonfinite else "skipped"
+    step = global_step + 1   # numbered as the metrics number it: the count of steps including this one
+    if run_log:
+        run_log.write({"kind": "nonfinite", "step": step, "epoch": epoch, "what": what, "value": str(value),
+                       "action": action})
+    if cfg.engine.fail_on_nonfinite:
+        raise NonFiniteLoss(f"non-finite {what} {value} at step {step} (epoch {epoch}, step "
+                            f"{step_in_epoch + 1} of the epoch); nothing was saved for this step")
+    if rt.is_main:
+        log.warning("non-finite %s %s at step %d: step skipped", what, value, step)
+
+
+def progress_bar(cfg: Config, rt: Runtime, total: int, initial: int):
+    """A tqdm bar over optimizer steps on the main rank when run.progress, else None."""
+    if not (rt.is_main and cfg.run.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+
+def close_run(rt: Runtime, out_dir: Path, run_log: Optional[RunLog], summary: dict) -> None:
+    """Main rank: write summary.json, close the logs, draw curves.png."""
+    if not rt.is_main:
+        return
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run_log.close()
+    if (out_dir / "metrics.jsonl").is_file():
+        plot_curves(out_dir / "metrics.jsonl", out_dir / "curves.png")
+
+
+def launcher_main(argv: Optional[list[str]], description: str, run: Callable[[Config], int]) -> int:
+    """The `deepspeed engine/<loop>.py --config FILE [key=value ...]` entry (DeepSpeed adds --local_rank)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default="", help="YAML recipe (default: built-in defaults)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_config(args.config or None, args.overrides)
+    except ConfigError as exc:
+        print(f"smallvit: error: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
+EXIT_INTERRUPTED = 143   # SIGTERM/Ctrl-C: a final checkpoint was written; rerun with run.resume=auto
+EXIT_NONFINITE = 3       # a NaN/inf loss or gradient stopped the run (engine.fail_on_nonfinite)
+
+
+def run_reporting_errors(loop: Callable[[Config], dict], cfg: Config) -> tuple[int, Optional[dict]]:
+    """Run a loop; turn its known failures into one `smallvit: error:` line and an exit code:
+    2 bad config or input, 1 a checkpoint that could not be written, 3 a non-finite step. -> (code, summary)."""
+    from engine.checkpoint import CheckpointError
+    from loaders.sidecar import DatasetFileError
+
+    try:
+        summary = loop(cfg)
+    except (ConfigError, DatasetFileError, FileNotFoundError, NotImplementedError, ValueError) as exc:
+        code, message = 2, str(exc)
+    except CheckpointError as exc:
+        code, message = 1, str(exc)
+    except NonFiniteLoss as exc:
+        code, message = EXIT_NONFINITE, str(exc)
+    else:
+        return summary["exit_code"], summary
+    print(f"smallvit: error: {message}", file=sys.stderr)
+    return code, None
