@@ -254,3 +254,40 @@ def test_two_ranks_through_the_launcher_equal_one_rank(tiny_betons, tmp_path):
     assert sorted(runs[2]) == list(range(1, STEPS_PER_EPOCH + 1))
     for step, loss in runs[1].items():
         assert runs[2][step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+
+
+def test_sigterm_checkpoints_at_the_step_boundary_and_resumes_exactly(full_run, tiny_betons, tmp_path, monkeypatch):
+    """A SIGTERM seen at the boundary after step 3: exit code 143 with a checkpoint at step 3; the resumed run's
+    later losses equal the uninterrupted run's."""
+    import signal
+
+    import engine.pretrain as pretrain_module
+    from engine.loop import EXIT_INTERRUPTED
+
+    class TermAfterStep3(pretrain_module.StopFlag):
+        """Reads as SIGTERM from the 3rd step-boundary check on (what the handler would have set)."""
+
+        def __init__(self):
+            super().__init__()
+            self._checks = 0
+
+        @property
+        def signal(self):
+            self._checks += 1
+            return signal.SIGTERM if self._checks >= 3 else None
+
+        @signal.setter
+        def signal(self, value):
+            pass
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(pretrain_module, "StopFlag", TermAfterStep3)
+    summary = pretrain_module.pretrain(_cfg(tiny_betons, out))
+    assert summary["exit_code"] == EXIT_INTERRUPTED and summary["global_step"] == 3
+    assert checkpoint.read_state(checkpoint.find(out))["global_step"] == 3
+    monkeypatch.undo()
+    assert pretrain_module.pretrain(_cfg(tiny_betons, out, "run.resume=auto"))["exit_code"] == 0
+    ref_out, _ = full_run
+    ref = {r["step"]: r["loss"] for r in read_metrics(ref_out / "metrics.jsonl") if r["kind"] == "train"}
+    got = {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"}
+    assert [got[s] for s in range(4, 2 * STEPS_PER_EPOCH + 1)] == [ref[s] for s in range(4, 2 * STEPS_PER_EPOCH + 1)]
