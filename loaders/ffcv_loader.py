@@ -96,5 +96,6 @@ class FFCVLoader:
         per = self.plan.per_rank_batch(self.world_size)
         for i, (images, labels) in enumerate(iterate_order(self.loader, order)):
             index = torch.from_numpy(order[i * per:i * per + len(labels)])
-            yield self.transform(images.to(self.device, non_blocking=True), labels.to(self.device),
+            # copy=True: on the CPU .to() would hand out FFCV's reused label buffer, which a later batch overwrites
+            yield self.transform(images.to(self.device, non_blocking=True), labels.to(self.device, copy=True),
                                  index.to(self.device), epoch, repeats[i * per:i * per + len(labels)].to(self.device))

@@ -306,3 +306,15 @@ def test_dali_and_torchvision_on_real_cifar_imagefolder(tmp_path):
         assert torch.equal(x.labels, y.labels)
         levels = ((x.images - y.images) * 0.25 * 255).abs()           # libjpeg vs DALI's decoder, pixel levels
         assert levels.mean() < 1.0 and levels.max() <= 16
+
+
+def test_ffcv_batches_kept_across_the_epoch_keep_their_labels(tiny_betons):
+    """FFCV reuses its output buffers a few batches later; a Batch the caller keeps must not change under it.
+    tiny_betons labels are index % 4, so every kept batch can be checked after the whole epoch was read."""
+    data = DataConfig(dataset="tiny", train=str(tiny_betons["train"]), test=str(tiny_betons["test"]), loader="ffcv",
+                      batch_size=8, num_workers=1, crop_padding=0, flip=False)
+    loader, _ = build_loader(data, True, 0, torch.device("cpu"))
+    kept = list(loader.epoch(0))
+    assert len(kept) == 96 // 8
+    for batch in kept:
+        assert torch.equal(batch.labels, batch.index % 4)
