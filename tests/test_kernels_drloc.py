@@ -330,19 +330,21 @@ def test_drloc_pair_loss_rejects_bad_inputs(bad, match):
 def test_deterministic_mode_uses_the_torch_scatter(interpret, monkeypatch):
     """Under torch.use_deterministic_algorithms the backward avoids the atomic-add kernel, same gradients."""
     problem = _problem(3, 3, 5, 4, 6, "ce", True, torch.float32, "cpu", seed=3)
-    loss, grads = _loss_and_grads("triton", *problem, "ce")
     kernels = _kernels("cpu")
 
     def refuse(*args, **kwargs):
         raise AssertionError("atomic scatter used in deterministic mode")
-    monkeypatch.setattr(kernels, "scatter_pairs", refuse)
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
+    previous = torch.are_deterministic_algorithms_enabled()   # a run with engine.deterministic may have set it
     try:
+        torch.use_deterministic_algorithms(False)
+        loss, grads = _loss_and_grads("triton", *problem, "ce")
+        monkeypatch.setattr(kernels, "scatter_pairs", refuse)
+        torch.use_deterministic_algorithms(True)
         _, grads_det = _loss_and_grads("triton", *problem, "ce")
+        for g, g_det, name in zip(grads, grads_det, NAMES):
+            _assert_close(g_det, g, torch.float32, name)
+        torch.use_deterministic_algorithms(False)
+        with pytest.raises(AssertionError, match="atomic scatter"):
+            _loss_and_grads("triton", *problem, "ce")
     finally:
         torch.use_deterministic_algorithms(previous)
-    for g, g_det, name in zip(grads, grads_det, NAMES):
-        _assert_close(g_det, g, torch.float32, name)
-    with pytest.raises(AssertionError, match="atomic scatter"):
-        _loss_and_grads("triton", *problem, "ce")
