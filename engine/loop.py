@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from engine import checkpoint
 from engine.config import Config, ConfigError, load_config, to_dict
 from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime
@@ -18,6 +19,34 @@ log = logging.getLogger("smallvit")
 
 class NonFiniteLoss(RuntimeError):
     """A NaN/inf loss or gradient under engine.fail_on_nonfinite; the message names the global step."""
+
+
+def resume_step(state: dict, global_batch: int, folder: Path) -> int:
+    """The step within the epoch to resume at: the checkpoint's global sample position (samples of the epoch
+    consumed over all ranks) in batches of this run's global batch. The sample order does not depend on the world
+    size (loaders/order.py), so a run resumed on another number of ranks sees every sample of the epoch once."""
+    saved_batch = state.get("global_batch", global_batch)   # checkpoints before format 2 lack it: same batch
+    consumed = state["step_in_epoch"] * saved_batch
+    if consumed % global_batch:
+        raise ConfigError(f"data.batch_size: {global_batch} does not divide the {consumed} samples of the epoch "
+                          f"that {folder} had consumed (its global batch was {saved_batch})")
+    return consumed // global_batch
+
+
+def restore_checkpoint(engine, folder: Path, saved: dict, cfg: Config, rt: Runtime,
+                       steps_per_epoch: int) -> tuple[dict, int, int]:
+    """Collective: load `folder` (whose trainer state `saved` the caller has checked is its kind of run) into the
+    DeepSpeed engine -> (trainer state, epoch, step in epoch to continue at). Refuses a world size the checkpoint
+    cannot be resumed on; an epoch that was complete continues at the next one."""
+    checkpoint.check_world_size(saved, folder, rt.world_size)
+    state = checkpoint.load(engine, folder)
+    epoch, step_in_epoch = state["epoch"], resume_step(state, cfg.data.batch_size, folder)
+    if step_in_epoch >= steps_per_epoch:
+        epoch, step_in_epoch = epoch + 1, 0
+    if rt.is_main:
+        log.info("resumed from %s at epoch %d step %d (global step %d)", folder, epoch, step_in_epoch,
+                 state["global_step"])
+    return state, epoch, step_in_epoch
 
 
 def open_run_folder(cfg: Config, rt: Runtime, out_dir: Path) -> Optional[RunLog]:
@@ -92,14 +121,13 @@ EXIT_NONFINITE = 3       # a NaN/inf loss or gradient stopped the run (engine.fa
 def run_reporting_errors(loop: Callable[[Config], dict], cfg: Config) -> tuple[int, Optional[dict]]:
     """Run a loop; turn its known failures into one `smallvit: error:` line and an exit code:
     2 bad config or input, 1 a checkpoint that could not be written, 3 a non-finite step. -> (code, summary)."""
-    from engine.checkpoint import CheckpointError
     from loaders.sidecar import DatasetFileError
 
     try:
         summary = loop(cfg)
     except (ConfigError, DatasetFileError, FileNotFoundError, NotImplementedError, ValueError) as exc:
         code, message = 2, str(exc)
-    except CheckpointError as exc:
+    except checkpoint.CheckpointError as exc:
         code, message = 1, str(exc)
     except NonFiniteLoss as exc:
         code, message = EXIT_NONFINITE, str(exc)

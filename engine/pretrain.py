@@ -36,7 +36,7 @@ from engine import checkpoint
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck, discard_gradients
 from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
-                         report_nonfinite, run_reporting_errors)
+                         report_nonfinite, restore_checkpoint, run_reporting_errors)
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
 from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
@@ -45,7 +45,7 @@ from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
-from engine.train import StopFlag, mean_over_ranks, model_size_overrides, param_groups, resume_step
+from engine.train import StopFlag, mean_over_ranks, model_size_overrides, param_groups
 from loaders.factory import build_loader, preflight
 
 log = logging.getLogger("smallvit")
@@ -192,18 +192,11 @@ def pretrain(cfg: Config) -> dict:
         if saved.get("stage") != STAGE or saved["model"] != cfg.model.name:
             raise ConfigError(f"run.resume: {folder} is a {saved.get('stage', 'supervised')} checkpoint of "
                               f"{saved['model']}, not a pretraining checkpoint of {cfg.model.name}")
-        checkpoint.check_world_size(saved, folder, rt.world_size)
-        state = checkpoint.load(engine, folder)
+        state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
         teacher.load_state_dict(state["teacher"])
         dino_loss.center.copy_(state["center"])
-        epoch, step_in_epoch = state["epoch"], resume_step(state, cfg.data.batch_size, folder)
         global_step, best_knn = state["global_step"], state["best_knn"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        if rt.is_main:
-            log.info("resumed from %s at epoch %d step %d (global step %d)", folder, epoch, step_in_epoch,
-                     global_step)
 
     run_log = open_run_folder(cfg, rt, out_dir)
 

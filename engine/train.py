@@ -30,7 +30,8 @@ from engine import checkpoint
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck, discard_gradients
 from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_run, launcher_main,  # noqa: F401
-                         open_run_folder, progress_bar, report_nonfinite, run_reporting_errors)
+                         open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
+                         run_reporting_errors)
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
@@ -138,18 +139,6 @@ class StopFlag:
         self.signal = signum
 
 
-def resume_step(state: dict, global_batch: int, folder: Path) -> int:
-    """The step within the epoch to resume at: the checkpoint's global sample position (samples of the epoch
-    consumed over all ranks) in batches of this run's global batch. The sample order does not depend on the world
-    size (loaders/order.py), so a run resumed on another number of ranks sees every sample of the epoch once."""
-    saved_batch = state.get("global_batch", global_batch)   # checkpoints before format 2 lack it: same batch
-    consumed = state["step_in_epoch"] * saved_batch
-    if consumed % global_batch:
-        raise ConfigError(f"data.batch_size: {global_batch} does not divide the {consumed} samples of the epoch "
-                          f"that {folder} had consumed (its global batch was {saved_batch})")
-    return consumed // global_batch
-
-
 def train(cfg: Config) -> dict:
     """Run the configured training; return the final summary (also written to out_dir/summary.json)."""
     preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
@@ -220,16 +209,9 @@ def train(cfg: Config) -> dict:
         if saved["model"] != cfg.model.name or saved["num_classes"] != num_classes:
             raise ConfigError(f"run.resume: {folder} holds {saved['model']} with {saved['num_classes']} classes, "
                               f"the config asks for {cfg.model.name} with {num_classes}")
-        checkpoint.check_world_size(saved, folder, rt.world_size)
-        state = checkpoint.load(engine, folder)
-        epoch, step_in_epoch = state["epoch"], resume_step(state, cfg.data.batch_size, folder)
+        state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
         global_step, best_top1 = state["global_step"], state["best_top1"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
-        if step_in_epoch >= steps_per_epoch:
-            epoch, step_in_epoch = epoch + 1, 0
-        if rt.is_main:
-            log.info("resumed from %s at epoch %d step %d (global step %d)", folder, epoch, step_in_epoch,
-                     global_step)
 
     run_log = open_run_folder(cfg, rt, out_dir)
 
