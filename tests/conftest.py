@@ -51,10 +51,14 @@ def digits_betons(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_betons(tmp_path_factory) -> dict[str, Path]:
     """A 96/48-image random 32x32 set with 4 classes (labels cycle), for quick loop tests."""
+    return write_tiny_betons(tmp_path_factory.mktemp("tiny"))
+
+
+def write_tiny_betons(folder: Path) -> dict[str, Path]:
+    """The `tiny_betons` set written into `folder` (also used by tests/reliability/fixtures/make_fixtures.py)."""
     from loaders.convert.digits import ArraySource
     from loaders.convert.writer import WriteOptions, write_beton
 
-    folder = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
     out = {}
     for split, n in (("train", 96), ("test", 48)):
