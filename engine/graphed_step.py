@@ -1,0 +1,372 @@
+"""The supervised training step on static buffers, so that it can be captured as one CUDA graph and replayed for
+every batch inside the DeepSpeed loop of engine/train.py (config key engine.graph_step).
+
+    off      DeepSpeed's step (engine(batch), engine.backward, engine.step): the default.
+    on       capture: the first WARMUP_STEPS steps run eagerly on a side stream, the next one is captured with
+             torch.cuda.graph, and every step from then on is one `graph.replay()` (PyTorch's whole-network
+             capture recipe: static inputs, warm-up on a side stream, grads set to None before capture so the
+             captured backward owns them, a capturable optimizer).
+    auto     'on' where it can run (a CUDA device and a capturable config), else DeepSpeed's step.
+    emulate  the same static-buffer step run eagerly, without capture, on any device: what the CPU tests run.
+A config whose step cannot run this way falls back to DeepSpeed's step and logs one line, "graphed step off:
+<reason>" (see `config_fallback_reason` and `engine_fallback_reason`).
+
+One step (`StaticStepRunner.step`), every tensor it reads or writes allocated before capture:
+  the loader's Batch      -> copied in place into static buffers (images, labels, soft labels, index, transformed
+                             views, every params target), checked to have the captured shapes and dtypes;
+  the step's host numbers -> filled into device scalars: LR, step seed (drloc pairs are hashed from it on the
+                             device), each task's weight lambda(e), the global step number;
+  forward (class loss + drloc + translation/scale perceptibility, i.e. TrainModule) -> backward -> total gradient
+  norm (DeepSpeed's clip_grad_norm_ formula) -> clipping -> AdamW with the LR tensor, its update skipped on the
+  device when the loss or a gradient is not finite -> loss, logged parts and the non-finite count summed into
+  device buffers.
+Nothing in a step syncs with the host: the loop calls `read()` (one device-to-host copy) every run.log_every
+steps, at the end of an epoch and before a checkpoint.
+
+DeepSpeed stays in charge of launch, process groups, config and checkpoints. With ZeRO 0 its engine holds our module
+and our torch AdamW unwrapped; the runner calls both directly and advances the engine's step and sample counters as
+engine.step() does, so checkpoint.save(engine, ...) writes the same files and a checkpoint resumes on either path.
+More than one rank falls back: DeepSpeed's step all-reduces the gradients, and an all-reduce inside a captured graph
+needs NCCL >= 2.9.6 with its own warm-up and settings that no test here can exercise (no GPU); one rank is the
+configuration of the issue's speed targets.
+
+Dropout / drop-path: the loop seeds torch with the step seed before every step, as on DeepSpeed's path; a replay
+reads the CUDA generator's seed and offset at replay time (graph-safe Philox state), so the captured kernels draw
+per step, and the emulated path draws exactly what DeepSpeed's path draws (tests/test_graphed_step.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from loaders.batch import Batch
+
+log = logging.getLogger("smallvit")
+
+WARMUP_STEPS = 3   # eager steps on a side stream before capture (cuBLAS handles, Triton/compile, optimizer state)
+_FIELDS = ("images", "labels", "index", "soft_labels", "transformed")   # the Batch tensors the step reads
+CLIP_EPS = 1e-6    # DeepSpeed's clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), at most 1
+
+
+# ------------------------------------------------------------------------------------------- whether it can run
+def config_fallback_reason(cfg, world_size: int, device: torch.device, num_train_images: int) -> Optional[str]:
+    """Why `cfg` cannot run the static step on `device` (None when it can). Reasons known before DeepSpeed starts;
+    `engine_fallback_reason` checks what DeepSpeed made of the config."""
+    mode, e = cfg.engine.graph_step, cfg.engine
+    if e.zero_stage >= 1:
+        return (f"engine.zero_stage={e.zero_stage}: ZeRO partitions the optimizer state and reduces gradients in "
+                f"DeepSpeed's backward hooks with host-side bucket bookkeeping; the static step needs stage 0")
+    per_epoch = num_train_images * cfg.data.repeats
+    if not cfg.data.drop_last and per_epoch % cfg.data.batch_size:
+        return (f"data.drop_last=false: the last batch of each epoch has {per_epoch % cfg.data.batch_size} "
+                f"images, not {cfg.data.batch_size}, and a graph replays fixed shapes")
+    if world_size > 1:
+        return (f"{world_size} ranks: the gradient all-reduce stays in DeepSpeed's step (an all-reduce inside a "
+                f"captured graph needs NCCL settings and warm-up not verified here); the static step runs on one rank")
+    if mode in ("on", "auto"):
+        if device.type != "cuda":
+            return f"engine.graph_step={mode} captures a CUDA graph, and this run is on {device.type}"
+        if e.deterministic:
+            return ("engine.deterministic=true: deterministic CUDA kernels (sort-based scatter/index_put) are not "
+                    "verified capture-safe; use engine.graph_step=emulate or turn deterministic off")
+    return None
+
+
+def engine_fallback_reason(engine, optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Why DeepSpeed's engine, as configured, cannot be bypassed by the static step (None when it can)."""
+    if engine.optimizer is not optimizer:
+        return (f"DeepSpeed wrapped the optimizer in {type(engine.optimizer).__name__} (its ZeRO, bf16 or fp16 "
+                f"path); the static step drives the plain torch AdamW (ZeRO 0, torch autocast for bf16)")
+    if engine.gradient_accumulation_steps() != 1:
+        return (f"gradient_accumulation_steps={engine.gradient_accumulation_steps()} in the DeepSpeed config: the "
+                f"static step is one micro-batch per optimizer step")
+    if getattr(engine, "torch_autocast_z0_gradscaler", None) is not None:
+        return "DeepSpeed's torch_autocast grad scaler syncs with the host at every step"
+    return None
+
+
+@dataclass
+class GraphPlan:
+    """What train() runs: mode 'graphed' | 'emulated' | 'off', and the fallback reason (None when none)."""
+    mode: str
+    reason: Optional[str] = None
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "off"
+
+
+def plan_graph_step(cfg, world_size: int, device: torch.device, num_train_images: int) -> GraphPlan:
+    """engine.graph_step -> the mode this run takes, before DeepSpeed starts (see the module docstring)."""
+    asked = cfg.engine.graph_step
+    if asked == "off":
+        return GraphPlan("off")
+    reason = config_fallback_reason(cfg, world_size, device, num_train_images)
+    if reason is not None:
+        return GraphPlan("off", reason)
+    return GraphPlan("emulated" if asked == "emulate" else "graphed")
+
+
+def log_fallback(reason: str, is_main: bool) -> None:
+    if is_main:
+        log.warning("graphed step off: %s", reason)
+
+
+# ---------------------------------------------------------------------------------------------- static inputs
+@dataclass
+class StaticBatch:
+    """Preallocated copies of every Batch tensor the step reads; `load` refills them in place."""
+    batch: Batch
+    signature: dict = field(default_factory=dict)
+
+    @staticmethod
+    def describe(batch: Batch) -> dict:
+        """{field: (shape, dtype) or None} of the tensors the step reads, params included as 'params.<key>'."""
+        out = {}
+        for name in _FIELDS:
+            t = getattr(batch, name)
+            out[name] = None if t is None else (tuple(t.shape), t.dtype, t.device)
+        for key, t in sorted(batch.params.items()):
+            out[f"params.{key}"] = (tuple(t.shape), t.dtype, t.device)
+        return out
+
+    @classmethod
+    def like(cls, batch: Batch) -> "StaticBatch":
+        def clone(t):
+            return None if t is None else torch.empty_like(t).copy_(t)   # empty_like keeps channels_last strides
+        static = Batch(**{name: clone(getattr(batch, name)) for name in _FIELDS},
+                       params={k: clone(v) for k, v in batch.params.items()})
+        return cls(static, cls.describe(batch))
+
+    def load(self, batch: Batch) -> None:
+        """Copy `batch` into the buffers (device-to-device, no host sync); a batch of another layout raises."""
+        got = self.describe(batch)
+        if got != self.signature:
+            diff = sorted(k for k in set(got) | set(self.signature) if got.get(k) != self.signature.get(k))
+            raise RuntimeError(f"graphed step: the batch changed layout in {', '.join(diff)} (captured "
+                               f"{[self.signature.get(k) for k in diff]}, got {[got.get(k) for k in diff]}); "
+                               f"set engine.graph_step=off for this data config")
+        for name in _FIELDS:
+            src = getattr(batch, name)
+            if src is not None:
+                getattr(self.batch, name).copy_(src, non_blocking=True)
+        for key, src in batch.params.items():
+            self.batch.params[key].copy_(src, non_blocking=True)
+
+
+@dataclass
+class WindowReport:
+    """What `read()` found since the previous read: `steps` finite steps whose mean loss and parts are `means`;
+    `nonfinite` skipped steps, the first at 0-based global step `first_step` with a non-finite `first_what`."""
+    steps: int
+    means: dict[str, float]
+    nonfinite: int
+    first_step: Optional[int] = None
+    first_what: str = ""
+
+
+# ------------------------------------------------------------------------------------------------- the runner
+class StaticStepRunner:
+    """Runs one training step of DeepSpeed's module and torch optimizer on static buffers (module docstring).
+
+    engine: the DeepSpeed engine (ZeRO 0, one rank, holding `optimizer` unwrapped); mode: 'graphed' or 'emulated';
+    autocast_dtype: torch.bfloat16 for bf16 compute under torch.autocast, None for fp32; fail_on_nonfinite: after a
+    non-finite step every later update is skipped too, so the parameters stay those before it until the loop reads
+    the buffers and stops (engine.fail_on_nonfinite)."""
+
+    def __init__(self, engine, optimizer: torch.optim.Optimizer, mode: str, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], fail_on_nonfinite: bool, warmup_steps: int = WARMUP_STEPS):
+        if mode not in ("graphed", "emulated"):
+            raise ValueError(f"StaticStepRunner mode must be 'graphed' or 'emulated', got {mode!r}")
+        self.engine, self.optimizer, self.mode, self.device = engine, optimizer, mode, device
+        self.module: nn.Module = engine.module
+        self.tasks = list(getattr(self.module, "tasks", []))
+        self.autocast_dtype = autocast_dtype
+        self.fail_on_nonfinite = fail_on_nonfinite
+        self.warmup_steps = warmup_steps
+        self.clip = float(engine.gradient_clipping() or 0.0)
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        # the module's order, as DeepSpeed's clipping sums the per-parameter norms in it (the sum's rounding)
+        self.module_params = [p for p in self.module.parameters() if p.requires_grad]
+        self.fused = all(group.get("fused") for group in optimizer.param_groups)
+        # the fused CUDA kernel reads a float32 LR; elsewhere float64 keeps AdamW's scalar math that of a Python float
+        lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
+        self.lr = torch.zeros((), dtype=lr_dtype, device=device)
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+            if mode == "graphed":
+                group["capturable"] = True
+        if mode == "graphed":   # a capturable optimizer keeps its step counts on the parameters' device
+            for state in optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor) and state["step"].device != device:
+                    state["step"] = state["step"].to(device)
+        self.seed = torch.zeros((), dtype=torch.int64, device=device)
+        self.step_number = torch.zeros((), dtype=torch.int64, device=device)
+        self.task_weights = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.tasks]
+        self.max_norm = torch.tensor(self.clip, dtype=torch.float32, device=device)
+        # accumulators, read and reset by read()
+        self.names: list[str] = []
+        self.sums: Optional[torch.Tensor] = None                      # (1 + parts,) float64 over finite steps
+        self.ok_steps = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_bad_is_grad = torch.zeros((), dtype=torch.int64, device=device)
+        self.halted = torch.zeros((), dtype=torch.bool, device=device)
+        self.static: Optional[StaticBatch] = None
+        self.backups: list[torch.Tensor] = []
+        self.graph = None
+        self.steps_run = 0
+
+    # ---------------------------------------------------------------------------------------------- per step
+    def step(self, batch: Batch, lr: float, seed: int, epoch: float, global_step: int) -> None:
+        """One optimizer step on `batch` (global_step: the 0-based number of this step). No host sync."""
+        if self.static is None:
+            self.static = StaticBatch.like(batch)
+        else:
+            self.static.load(batch)
+        self.lr.fill_(lr)
+        self.seed.fill_(seed)
+        self.step_number.fill_(global_step)
+        for task, buf in zip(self.tasks, self.task_weights):
+            buf.fill_(type(task).weight(task, epoch))   # the class's lambda(e): the instance's is patched in _body
+        torch.manual_seed(seed)
+        if self.mode == "emulated":
+            self.optimizer.zero_grad(set_to_none=True)
+            self._body(epoch)
+        elif self.graph is None and self.steps_run < self.warmup_steps:
+            self._warmup_step(epoch)
+        else:
+            if self.graph is None:
+                self._capture(epoch)
+            self.graph.replay()
+        self.steps_run += 1
+        # what engine.step() advances (a skipped step is taken back in read(), as DeepSpeed's path never counts it)
+        self.engine.global_steps += 1
+        self.engine.global_samples += self.engine.train_batch_size()
+        self.engine.micro_steps += 1
+
+    def _warmup_step(self, epoch: float) -> None:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self.optimizer.zero_grad(set_to_none=True)
+            self._body(epoch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+
+    def _capture(self, epoch: float) -> None:
+        """Record one step into a CUDA graph (the work is recorded, not run: the caller replays it)."""
+        self.optimizer.zero_grad(set_to_none=True)   # the captured backward allocates .grad from the graph's pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body(epoch)
+        self.graph = graph
+        log.info("graphed step: captured the training step as one CUDA graph after %d warm-up steps",
+                 self.steps_run)
+
+    def _body(self, epoch: float) -> None:
+        """forward, backward, norm, clip, guarded AdamW, accumulators: the work a replay repeats."""
+        with self._weights_from_buffers(), self._autocast():
+            loss, parts = self.module(self.static.batch, epoch, self.seed)
+        loss.backward()
+        with torch.no_grad():
+            grads = [p.grad for p in self.module_params if p.grad is not None]
+            # DeepSpeed's clip_grad_norm_: per-parameter fp32 norms, then the root of their summed squares
+            total_norm = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2).sum().float().pow(0.5)
+            loss_finite = torch.isfinite(loss.detach())
+            bad = ~(loss_finite & torch.isfinite(total_norm))
+            skip = (bad | self.halted) if self.fail_on_nonfinite else bad
+            if self.clip > 0:
+                coef = torch.clamp(self.max_norm / (total_norm + CLIP_EPS), max=1.0)
+                torch._foreach_mul_(grads, coef)
+            self._guarded_optimizer_step(skip)
+            self._accumulate(loss, parts, bad, loss_finite)
+
+    def _guarded_optimizer_step(self, skip: torch.Tensor) -> None:
+        """AdamW's step, leaving parameters and optimizer state untouched where `skip` (0-dim bool) is set."""
+        if self.fused:   # the fused kernel skips the update and steps its count back where found_inf is 1
+            self.optimizer.found_inf = skip.float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+            return
+        # unfused AdamW takes no found_inf: keep a copy of everything it writes and put it back where skipped
+        live = self._optimizer_tensors()
+        if [b.shape for b in self.backups] != [t.shape for t in live]:
+            self.backups = [torch.empty_like(t) for t in live]
+        if live:
+            torch._foreach_copy_(self.backups, live)
+        self.optimizer.step()
+        known = {id(t) for t in live}
+        for t, b in zip(live, self.backups):
+            t.copy_(torch.where(skip, b, t))
+        for t in self._optimizer_tensors():
+            if id(t) not in known:   # state made by this very step (the first): a skipped step leaves it as new
+                t.masked_fill_(skip, 0)
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        """The parameters and every optimizer state tensor (moments, step counts), in a fixed order."""
+        out = list(self.params)
+        for p in self.params:
+            out += [v for v in self.optimizer.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+        return out
+
+    def _accumulate(self, loss: torch.Tensor, parts: dict, bad: torch.Tensor, loss_finite: torch.Tensor) -> None:
+        values = torch.stack([loss.detach().double().reshape(()),
+                              *[v.detach().double().reshape(()) for v in parts.values()]])
+        if self.sums is None:   # the first step is always eager (warm-up or emulated): allocate outside capture
+            self.names = ["loss", *parts]
+            self.sums = torch.zeros_like(values)
+        self.sums.add_(values.masked_fill(bad, 0.0))
+        self.ok_steps.add_((~bad).long())
+        first = bad & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(first, self.step_number, self.first_bad))
+        self.first_bad_is_grad.copy_(torch.where(first, loss_finite.long(), self.first_bad_is_grad))
+        self.nonfinite.add_(bad.long())
+        if self.fail_on_nonfinite:
+            self.halted.logical_or_(bad)
+
+    @contextlib.contextmanager
+    def _weights_from_buffers(self):
+        """Each task's weight(epoch) returns its device scalar while the step is traced, so a replay reads the
+        lambda(e) filled in for this step instead of the Python float of the step that was captured."""
+        for task, buf in zip(self.tasks, self.task_weights):
+            task.weight = (lambda _epoch, _buf=buf: _buf)
+        try:
+            yield
+        finally:
+            for task in self.tasks:
+                del task.weight
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        # no weight-cast cache: a cached cast made during capture would be stale at replay
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    # ------------------------------------------------------------------------------------------- the host side
+    def read(self) -> WindowReport:
+        """One device-to-host copy: the mean loss and parts over the finite steps since the last read, and the
+        non-finite steps among them; resets the window. Takes skipped steps back from DeepSpeed's counters."""
+        if self.sums is None:
+            return WindowReport(0, {}, 0)
+        packed = torch.cat([self.sums, torch.stack([self.ok_steps, self.nonfinite, self.first_bad,
+                                                    self.first_bad_is_grad]).double()]).tolist()
+        sums, (ok, bad, first, is_grad) = packed[:len(self.names)], packed[len(self.names):]
+        ok, bad = int(ok), int(bad)
+        self.sums.zero_()
+        self.ok_steps.zero_()
+        self.nonfinite.zero_()
+        self.first_bad.fill_(-1)
+        if bad:
+            self.engine.global_steps -= bad
+            self.engine.global_samples -= bad * self.engine.train_batch_size()
+            self.engine.micro_steps -= bad
+        means = {n: s / ok for n, s in zip(self.names, sums)} if ok else {}
+        return WindowReport(ok, means, bad, int(first) if bad else None,
+                            ("gradient" if is_grad else "loss") if bad else "")
