@@ -143,6 +143,10 @@ class EngineConfig:
     kernels: Literal["auto", "triton", "torch"] = "auto"
     fail_on_nonfinite: bool = True     # stop at a NaN/inf loss (False: skip the step and count it)
     deterministic: bool = False
+    # the training step on static buffers (engine/graphed_step.py): 'on' captures it as one CUDA graph and replays
+    # it per batch, 'auto' does so where it can, 'emulate' runs the same static-buffer step eagerly (any device, no
+    # capture); a config that cannot be captured falls back to the DeepSpeed step with a one-line reason in the log
+    graph_step: Literal["off", "auto", "on", "emulate"] = "off"
 
 
 @dataclass
@@ -206,6 +210,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"   # YAML 1.1 reads a bare on/off as true/false
         if value in choices and not (isinstance(value, bool) and not any(isinstance(c, bool) for c in choices)):
             return value
         raise ConfigError(f"{key}: {value!r} is not {_type_name(tp)}")

@@ -29,6 +29,7 @@ from torch import nn
 from engine import checkpoint
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck, discard_gradients
+from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
 from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_run, launcher_main,  # noqa: F401
                          open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
                          run_reporting_errors)
@@ -181,8 +182,13 @@ def train(cfg: Config) -> dict:
 
     optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=cfg.optim.betas, fused=rt.device.type == "cuda")
+    graph_plan = plan_graph_step(cfg, rt.world_size, rt.device, meta["num_images"])
+    if graph_plan.reason:
+        log_fallback(graph_plan.reason, rt.is_main)
+    # the static step keeps fp32 weights in the torch AdamW and computes in bf16 under torch.autocast (which the
+    # loop applies on both paths); DeepSpeed's bf16 path would wrap the optimizer in its own, host-synced step
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, rt.world_size, bf16))
+                                           config=deepspeed_config(cfg, rt.world_size, bf16 and not graph_plan.active))
     if hasattr(engine.optimizer, "averaged_gradients"):   # ZeRO 1/2: never let DeepSpeed apply a non-finite step
         engine.optimizer.check_grad_overflow = True
     grad_check = GradientCheck(engine.module)
@@ -213,9 +219,41 @@ def train(cfg: Config) -> dict:
         global_step, best_top1 = state["global_step"], state["best_top1"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
+    runner = None
+    if graph_plan.active:
+        reason = engine_fallback_reason(engine, optimizer)
+        if reason:
+            log_fallback(reason, rt.is_main)
+        else:   # after the resume: the runner installs its device LR in the optimizer that load_checkpoint filled
+            runner = StaticStepRunner(engine, optimizer, graph_plan.mode, rt.device,
+                                      torch.bfloat16 if bf16 else None, cfg.engine.fail_on_nonfinite)
+            grad_check.remove()   # the runner checks the gradients on the device itself
+            if rt.is_main:
+                log.info("graphed step: %s (engine.graph_step=%s)", graph_plan.mode, cfg.engine.graph_step)
+
     run_log = open_run_folder(cfg, rt, out_dir)
+    shown_loss = float("nan")   # the progress bar's loss: the last step's, or the last read window's mean
+
+    def read_runner(lr: float) -> None:
+        """The static step's device buffers -> a train record of the window's mean loss and parts, and the
+        non-finite report of its skipped steps (which stops the run under engine.fail_on_nonfinite)."""
+        nonlocal nonfinite_skipped, shown_loss
+        report = runner.read()
+        if report.nonfinite:
+            behind = global_step - report.first_step   # steps since the first non-finite one, this one included
+            value = "nan/inf" if report.nonfinite == 1 else f"nan/inf ({report.nonfinite} steps from here)"
+            report_nonfinite(cfg, rt, run_log, report.first_what, value, report.first_step, epoch,
+                             step_in_epoch - behind)
+            nonfinite_skipped += report.nonfinite
+        if report.steps:
+            shown_loss = report.means["loss"]
+            if run_log:
+                run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **report.means,
+                               "nonfinite_skipped": nonfinite_skipped, "steps_averaged": report.steps})
 
     def save_state() -> Path:
+        if runner is not None:
+            read_runner(lr)   # a non-finite step not yet reported stops the run before anything is saved
         return checkpoint.save(engine, out_dir, global_step, {
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best_top1": best_top1,
             "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size,
@@ -234,42 +272,49 @@ def train(cfg: Config) -> dict:
     try:
         t_start, seen = time.perf_counter(), 0
         exit_code = 0
+        lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
         engine.train()
         while epoch < run_epochs and global_step < max_steps and exit_code == 0:
             for batch in train_loader.epoch(epoch, step_in_epoch):
                 lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 seed = step_seed(cfg.run.seed, global_step, rt.rank)
-                torch.manual_seed(seed)
-                with autocast:
-                    loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, seed)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    nonfinite("loss", loss_value)
-                    nonfinite_skipped += 1   # no backward, no optimizer step: parameters and state unchanged
+                if runner is not None:   # static buffers, LR and non-finite check on the device: no host sync
+                    runner.step(batch, lr, seed, epoch + step_in_epoch / steps_per_epoch, global_step)
                 else:
-                    engine.backward(loss)
-                    if not grad_check.finite():
-                        nonfinite("gradient", "nan/inf")
-                        discard_gradients(engine)   # parameters and optimizer state unchanged
-                        nonfinite_skipped += 1
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    torch.manual_seed(seed)
+                    with autocast:
+                        loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, seed)
+                    shown_loss = loss.item()
+                    if not math.isfinite(shown_loss):
+                        nonfinite("loss", shown_loss)
+                        nonfinite_skipped += 1   # no backward, no optimizer step: parameters and state unchanged
                     else:
-                        engine.step()
-                        if not engine.was_step_applied():   # DeepSpeed's own overflow check skipped it
-                            nonfinite("gradient (found by DeepSpeed)", "overflow")
+                        engine.backward(loss)
+                        if not grad_check.finite():
+                            nonfinite("gradient", "nan/inf")
+                            discard_gradients(engine)   # parameters and optimizer state unchanged
                             nonfinite_skipped += 1
+                        else:
+                            engine.step()
+                            if not engine.was_step_applied():   # DeepSpeed's own overflow check skipped it
+                                nonfinite("gradient (found by DeepSpeed)", "overflow")
+                                nonfinite_skipped += 1
                 global_step += 1
                 step_in_epoch += 1
                 seen += len(batch) * rt.world_size
                 if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    logged = mean_over_ranks({"loss": loss.detach(), **parts})
-                    if run_log:
-                        run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **logged,
-                                       "nonfinite_skipped": nonfinite_skipped})
+                    if runner is not None:
+                        read_runner(lr)   # the window's mean loss: one host sync per run.log_every steps
+                    else:
+                        logged = mean_over_ranks({"loss": loss.detach(), **parts})
+                        if run_log:
+                            run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **logged,
+                                           "nonfinite_skipped": nonfinite_skipped})
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
+                    progress.set_postfix(epoch=epoch, loss=f"{shown_loss:.3f}", lr=f"{lr:.2e}",
                                          img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
                 if stop.signal is not None or (global_step >= max_steps and step_in_epoch < steps_per_epoch):
                     break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints

@@ -110,8 +110,10 @@ class DrlocTask(AuxTask):
 
     def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
         """loss = lambda(e) * mean over passes of L_drloc(pass); raw = that mean; metrics: per-pass losses.
-        Pass v draws its pairs from seed*4 + v, so the two passes never share positions by construction."""
-        per_pass = [self.pass_loss(out, (seed * 4 + v) % 2**63) for v, out in enumerate(outputs)]
+        Pass v draws its pairs from seed*4 + v, so the two passes never share positions by construction. seed: a
+        Python int or a 0-dim int64 device tensor (the graphed step's); the low 63 bits are kept with a mask, which
+        gives the same value for both (an int64 tensor wraps at 2**64, and `% 2**63` on it would turn negative)."""
+        per_pass = [self.pass_loss(out, (seed * 4 + v) & (2**63 - 1)) for v, out in enumerate(outputs)]
         raw = torch.stack(per_pass).mean()
         w = self.weight(epoch)
         metrics = {f"pass{i}": loss.detach() for i, loss in enumerate(per_pass)} if len(per_pass) > 1 else {}
