@@ -269,3 +269,31 @@ def test_truncated_jpeg_refused_at_every_cut():
     for cut in (10, sos - 5, sos + 20, (sos + len(data)) // 2, len(data) - 2):
         with pytest.raises(ValueError, match="cannot decode image"):
             decode_image(data[:cut])
+
+
+def test_per_class_keeps_the_first_n_of_each_class_in_source_order(tmp_path, capsys):
+    """--per-class N: a balanced slice, the same samples a plain loop over the source picks; a class with fewer than
+    N keeps all of them; the sidecar names the subset and its checksum differs from the whole split's."""
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (23, 8, 6, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 1, 2, 0, 1, 0, 0, 2, 1, 1, 0, 0, 1, 2, 0, 1, 1, 0, 2, 1, 0, 3])
+    np.savez(tmp_path / "train.npz", images=images, labels=labels, classes=np.array(["a", "b", "c", "d"]))
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "train.npz"), "--out", str(tmp_path / "sub"),
+                                 "--per-class", "3", "--workers", "1")
+    assert rc == 0, err
+    taken, keep = {}, []
+    for i, y in enumerate(labels):          # the plain reference: walk the source, count per class
+        if taken.get(y, 0) < 3:
+            taken[y] = taken.get(y, 0) + 1
+            keep.append(i)
+    assert_raw_roundtrip(tmp_path / "sub" / "train.beton", images[keep], labels[keep], reader="plain")
+    meta = read_sidecar(tmp_path / "sub" / "train.beton")
+    assert meta["class_counts"] == [3, 3, 3, 1]
+    assert meta["source"]["subset"] == "first 3 images per class in source order (10 of 23)"
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "train.npz"), "--out", str(tmp_path / "all"), "--workers", "1")
+    assert rc == 0, err
+    assert read_sidecar(tmp_path / "all" / "train.beton")["source"]["sha256"] != meta["source"]["sha256"]
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "train.npz"), "--out", str(tmp_path / "bad"),
+                                 "--per-class", "0")
+    assert rc == 2 and "--per-class must be a positive number" in err
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

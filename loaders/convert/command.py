@@ -42,6 +42,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--resize", type=int, default=None, metavar="SIDE",
                         help="image files: resize the shorter side to SIDE and center-crop SIDE x SIDE; "
                              "None: keep sizes")
+    parser.add_argument("--per-class", type=int, default=None, metavar="N",
+                        help="keep the first N images of each class of every split (source order; a small balanced "
+                             "slice for quick experiments, recorded in the sidecar); None: all")
     parser.add_argument("--workers", type=int, default=-1, metavar="N", help="writer processes (-1: all cores)")
     parser.add_argument("--force", action="store_true", help="overwrite existing .beton files")
     parser.add_argument("--download", action="store_true",
@@ -131,6 +134,10 @@ def run_convert(args: argparse.Namespace) -> int:
                               download_dir=Path(args.download_dir) if args.download_dir else out / "downloads",
                               mirror=args.mirror, progress=not args.no_progress)
         name = args.dataset or opened.name
+        if getattr(args, "per_class", None) is not None:
+            from loaders.convert.subset import PerClassSubset
+
+            opened.sources = {split: PerClassSubset(src, args.per_class) for split, src in opened.sources.items()}
         targets = {split: out / f"{split}.beton" for split in opened.sources}
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not args.force:
