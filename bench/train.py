@@ -1,9 +1,16 @@
 """End-to-end training step throughput, side by side in one process:
 
 - model_only:  the ceiling — same model, same batch already on the device, forward + CE + backward + AdamW.
+- model_only_graphed (CUDA only): that step captured as one CUDA graph and replayed (PyTorch's whole-network
+               recipe, fused capturable AdamW): the graphed ceiling.
 - ours:        resident loader with the recipe's augmentation (crop, flip, AutoAugment, mixup/cutmix, erasing,
-               translation transform) + model + drloc + translation perceptibility + AdamW (plain step).
+               translation transform) + model + drloc + translation perceptibility + AdamW (plain PyTorch step).
 - ours_deepspeed: the same step through DeepSpeed's engine (what `smallvit train` runs).
+- ours_graphed (graphed|emulated): the same step on static buffers (engine/graphed_step.py) with a plain torch
+               AdamW: captured and replayed on CUDA; on the CPU it runs eagerly ("emulated", no capture).
+- ours_deepspeed_graphed (graphed|emulated): the static step inside DeepSpeed (ZeRO 0, DeepSpeed's engine holding
+               module and optimizer, fp32 weights under torch.autocast): what `smallvit train
+               engine.graph_step=on` runs. A config the static step cannot run prints its fallback reason instead.
 - reference:   the reference repos' pipeline — torchvision DataLoader with PIL transforms, eager model,
                per-image translation loop (torchvision affine), eager drloc head — + AdamW.
 
@@ -88,6 +95,11 @@ def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch
         loss.backward()
         opt.step()
     rows.append({"variant": f"model_only b{batch}", **_rate(model_only, batch, steps, repeats, device)})
+    if device.type == "cuda":
+        rows.append({"variant": f"model_only_graphed b{batch}", "mode": "graphed",
+                     **_rate(graphed_model_only(batch, device), batch, steps, repeats, device)})
+    else:
+        print(f"model_only_graphed b{batch}: not run (capturing a CUDA graph needs a CUDA device)")
 
     # ours: loader + augmentation + model + drloc + translation (plain PyTorch step)
     loader, meta = build_loader(cfg.data, True, 0, device, label_smoothing=0.1,
@@ -124,14 +136,106 @@ def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch
         engine.step()
     rows.append({"variant": f"ours_deepspeed b{batch}", **_rate(ours_ds, batch, steps, repeats, device)})
 
+    # the static-buffer step (engine/graphed_step.py), plain and inside DeepSpeed, each on a fresh model: DeepSpeed's
+    # bf16 path above re-homes the optimizer's parameters, and the static step keeps fp32 weights under autocast
+    rows += static_step_rows(cfg, stream, counter, batch, steps, repeats, device, meta, rt)
+
     # the reference pipeline
     rows.append({"variant": f"reference b{batch}",
                  **reference_pipeline(beton, cfg, batch, steps, repeats, device, workers, meta)})
     ceiling = rows[0]["images_per_s"]
     for r in rows:
+        r.setdefault("mode", "eager")
         r["batch"] = batch
         r["vs_model_only"] = r["images_per_s"] / ceiling
     return rows
+
+
+def _fresh_step(cfg, num_classes: int, device: torch.device):
+    """A new TrainModule (vit_cifar + the config's tasks, seeded) and its AdamW, as bench_batch builds them."""
+    from engine.models import create_model
+    from engine.tasks import build_tasks
+    from engine.train import TrainModule, param_groups
+
+    torch.manual_seed(0)
+    model = create_model("vit_cifar", num_classes=num_classes)
+    module = TrainModule(model, build_tasks(cfg, model.embed_dim, model.grid_size), 0.1).to(device)
+    return module, torch.optim.AdamW(param_groups(module, 0.05), lr=1e-4, fused=device.type == "cuda")
+
+
+def static_step_rows(cfg, stream, counter, batch: int, steps: int, repeats: int, device: torch.device,
+                     meta: dict, rt) -> list[dict]:
+    """ours_graphed and ours_deepspeed_graphed: graphed on CUDA, emulated elsewhere, or the fallback reason."""
+    import deepspeed
+
+    from engine.config import config_from_dict, to_dict
+    from engine.graphed_step import StaticStepRunner, engine_fallback_reason, plan_graph_step
+    from engine.runtime import deepspeed_config
+
+    asked = "on" if device.type == "cuda" else "emulate"
+    cfg = config_from_dict(to_dict(cfg), [f"engine.graph_step={asked}"])
+    plan = plan_graph_step(cfg, rt.world_size, device, meta["num_images"])
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    rows = []
+    for name in ("ours_graphed", "ours_deepspeed_graphed"):
+        label = f"{name} ({plan.mode}) b{batch}"
+        if plan.reason:
+            print(f"{name} b{batch}: graphed step off: {plan.reason}")
+            continue
+        module, opt = _fresh_step(cfg, meta["num_classes"], device)
+        engine, clip = None, cfg.optim.clip_grad
+        if name == "ours_deepspeed_graphed":
+            engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
+                                                   config=deepspeed_config(cfg, rt.world_size, False))
+            reason = engine_fallback_reason(engine, opt)
+            if reason:
+                print(f"{name} b{batch}: graphed step off: {reason}")
+                continue
+            clip = engine.gradient_clipping()
+        runner = StaticStepRunner(module, opt, plan.mode, device, autocast, False, clip=clip, engine=engine)
+        numbers = iter(range(10**9))
+
+        def step():
+            i = next(numbers)
+            runner.step(next(stream), 1e-4, next(counter), 30.0, i)
+        rows.append({"variant": label, "mode": plan.mode,
+                     **_rate(step, batch, steps, repeats, device, warmup=runner.warmup_steps + 2)})
+        report = runner.read()   # the device buffers: every timed step was finite and reached the optimizer
+        if report.nonfinite or report.steps == 0:
+            raise RuntimeError(f"{label}: {report.nonfinite} non-finite of {report.steps} steps")
+    return rows
+
+
+def graphed_model_only(batch: int, device: torch.device):
+    """The model-only step (forward + CE + backward + fused AdamW, bf16 autocast) captured as one CUDA graph, per
+    PyTorch's whole-network recipe: static input, 3 warm-up steps on a side stream, grads set to None, capture,
+    then each call is one replay."""
+    from engine.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_cifar", num_classes=10).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(1e-4, device=device), fused=True, capturable=True)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def body():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
 
 
 def reference_pipeline(beton: Path, cfg, batch: int, steps: int, repeats: int, device: torch.device, workers: int,
@@ -208,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     beton, WriteOptions(num_workers=1, progress=False))
         for batch in (int(b) for b in args.batch.split(",")):
             rows += bench_batch(beton, batch, args.steps, args.repeats, device, args.workers)
-    print_table(rows, ["variant", "images_per_s", "step_ms", "min_ms", "max_ms", "vs_model_only"])
+    print_table(rows, ["variant", "mode", "images_per_s", "step_ms", "min_ms", "max_ms", "vs_model_only"])
     write_results("train", rows, "images_per_s", "variant", "img/s", out_dir=args.out_dir, record=not args.no_record)
     return 0
 

@@ -172,24 +172,26 @@ class WindowReport:
 
 # ------------------------------------------------------------------------------------------------- the runner
 class StaticStepRunner:
-    """Runs one training step of DeepSpeed's module and torch optimizer on static buffers (module docstring).
+    """Runs one training step of a TrainModule and its torch AdamW on static buffers (module docstring).
 
-    engine: the DeepSpeed engine (ZeRO 0, one rank, holding `optimizer` unwrapped); mode: 'graphed' or 'emulated';
-    autocast_dtype: torch.bfloat16 for bf16 compute under torch.autocast, None for fp32; fail_on_nonfinite: after a
-    non-finite step every later update is skipped too, so the parameters stay those before it until the loop reads
-    the buffers and stops (engine.fail_on_nonfinite)."""
+    module: engine.train.TrainModule (`module(batch, epoch, seed) -> (loss, parts)`, its `tasks`); optimizer: the
+    torch AdamW over its parameters; mode: 'graphed' or 'emulated'; autocast_dtype: torch.bfloat16 for bf16 compute
+    under torch.autocast, None for fp32; fail_on_nonfinite: after a non-finite step every later update is skipped
+    too, so the parameters stay those before it until the loop reads the buffers and stops; clip: max gradient
+    norm (0 = off); engine: the DeepSpeed engine holding module and optimizer (ZeRO 0, one rank), whose step and
+    sample counters the runner advances as engine.step() does, or None for a plain PyTorch step."""
 
-    def __init__(self, engine, optimizer: torch.optim.Optimizer, mode: str, device: torch.device,
-                 autocast_dtype: Optional[torch.dtype], fail_on_nonfinite: bool, warmup_steps: int = WARMUP_STEPS):
+    def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, mode: str, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], fail_on_nonfinite: bool, clip: float = 0.0, engine=None,
+                 warmup_steps: int = WARMUP_STEPS):
         if mode not in ("graphed", "emulated"):
             raise ValueError(f"StaticStepRunner mode must be 'graphed' or 'emulated', got {mode!r}")
-        self.engine, self.optimizer, self.mode, self.device = engine, optimizer, mode, device
-        self.module: nn.Module = engine.module
+        self.module, self.optimizer, self.mode, self.device, self.engine = module, optimizer, mode, device, engine
         self.tasks = list(getattr(self.module, "tasks", []))
         self.autocast_dtype = autocast_dtype
         self.fail_on_nonfinite = fail_on_nonfinite
         self.warmup_steps = warmup_steps
-        self.clip = float(engine.gradient_clipping() or 0.0)
+        self.clip = float(clip)
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
         # the module's order, as DeepSpeed's clipping sums the per-parameter norms in it (the sum's rounding)
         self.module_params = [p for p in self.module.parameters() if p.requires_grad]
@@ -245,10 +247,15 @@ class StaticStepRunner:
                 self._capture(epoch)
             self.graph.replay()
         self.steps_run += 1
-        # what engine.step() advances (a skipped step is taken back in read(), as DeepSpeed's path never counts it)
-        self.engine.global_steps += 1
-        self.engine.global_samples += self.engine.train_batch_size()
-        self.engine.micro_steps += 1
+        self._count_steps(1)
+
+    def _count_steps(self, n: int) -> None:
+        """Advance DeepSpeed's counters as engine.step() would (n < 0 takes skipped steps back in read(): DeepSpeed's
+        path never counts a step it did not apply)."""
+        if self.engine is not None:
+            self.engine.global_steps += n
+            self.engine.global_samples += n * self.engine.train_batch_size()
+            self.engine.micro_steps += n
 
     def _warmup_step(self, epoch: float) -> None:
         side = torch.cuda.Stream(self.device)
@@ -363,10 +370,7 @@ class StaticStepRunner:
         self.ok_steps.zero_()
         self.nonfinite.zero_()
         self.first_bad.fill_(-1)
-        if bad:
-            self.engine.global_steps -= bad
-            self.engine.global_samples -= bad * self.engine.train_batch_size()
-            self.engine.micro_steps -= bad
+        self._count_steps(-bad)
         means = {n: s / ok for n, s in zip(self.names, sums)} if ok else {}
         return WindowReport(ok, means, bad, int(first) if bad else None,
                             ("gradient" if is_grad else "loss") if bad else "")

@@ -225,8 +225,9 @@ def train(cfg: Config) -> dict:
         if reason:
             log_fallback(reason, rt.is_main)
         else:   # after the resume: the runner installs its device LR in the optimizer that load_checkpoint filled
-            runner = StaticStepRunner(engine, optimizer, graph_plan.mode, rt.device,
-                                      torch.bfloat16 if bf16 else None, cfg.engine.fail_on_nonfinite)
+            runner = StaticStepRunner(engine.module, optimizer, graph_plan.mode, rt.device,
+                                      torch.bfloat16 if bf16 else None, cfg.engine.fail_on_nonfinite,
+                                      clip=engine.gradient_clipping(), engine=engine)
             grad_check.remove()   # the runner checks the gradients on the device itself
             if rt.is_main:
                 log.info("graphed step: %s (engine.graph_step=%s)", graph_plan.mode, cfg.engine.graph_step)

@@ -1,6 +1,7 @@
 """Every bench runs end to end at a tiny size and writes the outputs it promises: a JSON with the environment and
 one row per variant, a bar chart PNG, and (unless told not to) markdown lines. CPU only; speed is not asserted."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,13 @@ def test_bench_train_tiny(tmp_path):
     rc = bench_main.main(["train", "--batch", "4", "--steps", "1", "--repeats", "1", "--images", "32",
                           "--workers", "0", "--out-dir", str(tmp_path)])
     assert rc == 0
-    rows = _check(tmp_path / "train_cpu.json", ["model_only b4", "ours b4", "ours_deepspeed b4", "reference b4"])
+    rows = _check(tmp_path / "train_cpu.json", ["model_only b4", "ours b4", "ours_deepspeed b4",
+                                                 "ours_graphed (emulated) b4", "ours_deepspeed_graphed (emulated) b4",
+                                                 "reference b4"])
     assert rows[0]["vs_model_only"] == pytest.approx(1.0)
+    assert [r["mode"] for r in rows] == ["eager", "eager", "eager", "emulated", "emulated", "eager"]
     lines = (tmp_path / "README.md").read_text().splitlines()
-    assert sum(" | train | " in line for line in lines) == 4
+    assert sum(" | train | " in line for line in lines) == 6
 
 
 def test_bench_usage_lists_every_bench(capsys):
@@ -66,5 +70,7 @@ def test_bench_ssl_tiny(tmp_path, tiny_betons):
                                                     "fine-tune from DINO, best test top-1", "scratch, best test top-1"]
     assert all(0 <= r["top1"] <= 100 for r in data["rows"])
     assert len(data["curves"]["pretrain_knn"]) == 1 and len(data["curves"]["scratch"]) == 1
+    [loss] = data["curves"]["pretrain_loss"]
+    assert loss["epoch"] == 0 and 0 < loss["loss"] < 2 * math.log(64)   # out_dim 64: near log K at the start
     assert json.loads((tmp_path / "runs" / "fine-tune" / "finetune_load.json").read_text())["loaded"]
     assert (tmp_path / "README.md").read_text().count(" | ssl | ") == 4
