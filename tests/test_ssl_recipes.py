@@ -26,7 +26,7 @@ CPU_SMALL = {"model.depth": 4, "model.embed_dim": 128, "model.num_heads": 4, "mo
              "data.local_crops": 4, "data.batch_size": 128, "optim.lr": 5e-4, "ssl.lr_per_256": False,
              "optim.warmup_epochs": 2, "optim.min_lr": 1e-5, "ssl.teacher_temp": 0.04,
              "ssl.warmup_teacher_temp_epochs": 0, "ssl.momentum_teacher": 0.99, "ssl.weight_decay_end": 0.1,
-             "optim.epochs": 14}
+             "optim.epochs": 10}
 
 
 def _get(cfg, dotted: str):
@@ -67,5 +67,5 @@ def test_cpu_demonstration_recipe_deviates_only_where_it_says():
         if key not in CPU_SMALL:
             assert _get(cfg, key) == _get(spec, key), f"{key} differs from the spec recipe but is not named"
     for named in ("4 blocks x 128", "no drop-path", "4 local crops", "batch 128", "lr 5e-4", "0.04 throughout",
-                  "0.99 -> 1", "0.04 -> 0.1", "14 epochs"):
+                  "0.99 -> 1", "0.04 -> 0.1", "10 epochs"):
         assert named in header, named
