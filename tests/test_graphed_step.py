@@ -3,7 +3,8 @@
 The capture itself needs CUDA; here the same step runs eagerly ('emulate'): static buffers filled in place, the LR,
 task weights and drloc seed as device scalars, the non-finite check and skip on the device, loss and counters
 summed in device buffers. Runs are the tiny set of tests/conftest.py (96 images, batch 8: 12 steps per epoch) with
-a 1-block ViT of width 16, drop-path on, clipping on, drloc and translation perceptibility on.
+a 1-block ViT of width 16, drop-path on, clipping on, drloc and translation perceptibility on, on the CPU even
+where CUDA is present (bitwise comparisons). The last test captures the step on CUDA and skips without it.
 """
 import logging
 import math
@@ -24,7 +25,7 @@ def _cfg(betons, out, *extra):
         f"data.train={betons['train']}", f"data.test={betons['test']}", "data.dataset=tiny", "data.loader=resident",
         "data.batch_size=8", "data.eval_batch_size=48", "model.depth=1", "model.embed_dim=16", "model.num_heads=2",
         "model.drop_path=0.1", "optim.epochs=9", "optim.warmup_epochs=1", "optim.clip_grad=0.5",
-        "engine.precision=fp32", "run.progress=false", "run.log_every=1", f"run.out_dir={out}",
+        "engine.precision=fp32", "engine.device=cpu", "run.progress=false", "run.log_every=1", f"run.out_dir={out}",
         "tasks.drloc.enabled=true", "tasks.drloc.hidden=16", "tasks.drloc.pairs=8",
         "tasks.perceptibility.enabled=true", "tasks.perceptibility.hidden=16", *extra])
 
@@ -245,3 +246,19 @@ def test_nonfinite_gradient_stops_at_the_read_naming_its_step(tiny_betons, tmp_p
         _train(tiny_betons, out, "run.max_steps=5", "run.log_every=5", "engine.graph_step=emulate")
     assert [(r["step"], r["what"], r["action"]) for r in _records(out, "nonfinite")] == [(3, "gradient", "stopped")]
     assert not (out / "checkpoints").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
+def test_captured_step_gives_the_losses_of_the_emulated_step_on_cuda(tiny_betons, tmp_path, caplog):
+    """On CUDA: engine.graph_step=on warms up, captures and replays; its 20 losses match the same static step run
+    eagerly (emulate) to 1e-4 relative (the Triton drloc backward accumulates with atomics, so not bitwise;
+    drop-path off so that both draw nothing at random but drloc's hashed pairs)."""
+    common = ("engine.device=cuda", "model.drop_path=0.0", f"run.max_steps={STEPS}")
+    with caplog.at_level(logging.INFO, logger="smallvit"):
+        _train(tiny_betons, tmp_path / "on", *common, "engine.graph_step=on")
+    assert any("captured the training step" in r.getMessage() for r in caplog.records)
+    _train(tiny_betons, tmp_path / "emulated", *common, "engine.graph_step=emulate")
+    a, b = _losses(tmp_path / "on"), _losses(tmp_path / "emulated")
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    torch.testing.assert_close(torch.tensor([a[s] for s in a]), torch.tensor([b[s] for s in a]), rtol=1e-4,
+                               atol=1e-5)
