@@ -6,7 +6,8 @@
 Per step: batch from the loader (already augmented on the device) -> one forward over the images and every view the
 auxiliary tasks ask for -> class loss + sum of the tasks' weighted losses -> DeepSpeed backward/step. Every random
 draw inside a step is seeded from (seed, global step, rank), and the loader order from (seed, epoch), so a resumed
-run continues exactly where the interrupted one was.
+run continues exactly where the interrupted one was. With engine.graph_step the step runs on static buffers instead,
+captured as one CUDA graph or emulated eagerly (engine/graphed_step.py), and its losses are read every log_every steps.
 """
 from __future__ import annotations
 

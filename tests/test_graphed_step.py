@@ -103,6 +103,12 @@ def test_a_config_that_cannot_be_captured_falls_back_with_its_reason(tiny_betons
     assert summary["global_step"] == 2 and "steps_averaged" not in _records(tmp_path / "zero1")[0]
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("graphed step off:")]
     assert len(lines) == 1 and "engine.zero_stage=1" in lines[0] and "\n" not in lines[0], lines
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="smallvit"):   # 96 images in batches of 20: a last batch of 16
+        _train(tiny_betons, tmp_path / "partial", "run.max_steps=1", "data.drop_last=false", "data.batch_size=20",
+               "engine.graph_step=emulate")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("graphed step off:")]
+    assert len(lines) == 1 and "data.drop_last=false: the last batch of each epoch has 16 images" in lines[0]
 
     cpu = torch.device("cpu")
 
@@ -119,6 +125,19 @@ def test_a_config_that_cannot_be_captured_falls_back_with_its_reason(tiny_betons
     assert (plan.mode, plan.active) == ("off", False) and plan.reason
     assert plan_graph_step(_cfg(tiny_betons, tmp_path, "engine.graph_step=emulate"), 1, cpu, 96).mode == "emulated"
     assert plan_graph_step(_cfg(tiny_betons, tmp_path), 1, cpu, 96).mode == "off"   # the default
+
+
+def test_graph_step_key_reads_on_and_off_from_yaml_and_refuses_other_values():
+    """YAML 1.1 reads a bare on/off as a boolean: the key maps them back; anything else is refused by name."""
+    from engine.config import ConfigError
+
+    assert [config_from_dict({}, [f"engine.graph_step={v}"]).engine.graph_step
+            for v in ("off", "on", "auto", "emulate")] == ["off", "on", "auto", "emulate"]
+    assert config_from_dict({"engine": {"graph_step": False}}).engine.graph_step == "off"
+    with pytest.raises(ConfigError, match="engine.graph_step"):
+        config_from_dict({}, ["engine.graph_step=yes please"])
+    with pytest.raises(ConfigError, match="engine.compile"):   # other boolean keys still take only booleans
+        config_from_dict({}, ["engine.compile=auto"])
 
 
 class _InfGradient(torch.autograd.Function):
