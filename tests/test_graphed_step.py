@@ -81,7 +81,8 @@ def test_emulated_step_gives_the_losses_of_deepspeeds_step(normal_run, emulated_
 def test_resume_from_an_emulated_checkpoint_continues_to_the_same_losses(tiny_betons, tmp_path, normal_run,
                                                                           emulated_run):
     """(4) A checkpoint written on the emulated path (after step 8) resumes, emulated, to the uninterrupted
-    losses of steps 9..20, bitwise, and DeepSpeed's own counters match the steps taken."""
+    losses of steps 9..20, bitwise, and DeepSpeed's own counters match the steps taken; DeepSpeed's step resumes
+    from it to the same losses too."""
     ckpt = emulated_run / "checkpoints" / "step_00000008"
     out = tmp_path / "resumed"
     summary = _train(tiny_betons, out, f"run.max_steps={STEPS}", f"run.resume={ckpt}", "engine.graph_step=emulate")
@@ -92,6 +93,9 @@ def test_resume_from_an_emulated_checkpoint_continues_to_the_same_losses(tiny_be
     state = torch.load(out / "checkpoints" / f"step_{STEPS:08d}" / "ds" / "mp_rank_00_model_states.pt",
                        map_location="cpu", weights_only=False)
     assert state["global_steps"] == STEPS and state["global_samples"] == STEPS * 8
+    # and DeepSpeed's own step takes the same checkpoint (its LR tensor in the saved param groups) to the same losses
+    _train(tiny_betons, tmp_path / "resumed_off", f"run.max_steps={STEPS}", f"run.resume={ckpt}")
+    assert _losses(tmp_path / "resumed_off") == resumed
 
 
 def test_a_config_that_cannot_be_captured_falls_back_with_its_reason(tiny_betons, tmp_path, caplog):
