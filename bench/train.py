@@ -13,8 +13,12 @@
                engine.graph_step=on` runs. A config the static step cannot run prints its fallback reason instead.
 - reference:   the reference repos' pipeline — torchvision DataLoader with PIL transforms, eager model,
                per-image translation loop (torchvision affine), eager drloc head — + AdamW.
+- with --ds-configs, DeepSpeed's eager step under each configuration the issue compares for small models:
+               "ds zero{0,1} {autocast,ds-bf16} {torch-fused,ds-adam}": ZeRO stage, bf16 by torch.autocast over fp32
+               weights or by DeepSpeed's bf16 optimizer (bf16 weights, fp32 master), our torch fused AdamW or the
+               AdamW DeepSpeed builds from its config. Combinations this machine cannot run print why.
 
-    python -m bench train [--batch 32,64] [--steps 5] [--images 1024]
+    python -m bench train [--batch 32,64] [--steps 5] [--images 1024] [--ds-configs]
 
 Images per second: median over repeats of `steps` steps each, after warm-up, with synchronisation on CUDA.
 """
@@ -71,7 +75,8 @@ def _rate(step, batch: int, steps: int, repeats: int, device: torch.device, warm
             "max_ms": max(samples) * 1e3}
 
 
-def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch.device, workers: int) -> list[dict]:
+def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch.device, workers: int,
+                ds_configs: bool = False) -> list[dict]:
     from engine.models import create_model
     from engine.tasks import build_tasks
     from engine.train import TrainModule, param_groups
@@ -139,6 +144,8 @@ def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch
     # the static-buffer step (engine/graphed_step.py), plain and inside DeepSpeed, each on a fresh model: DeepSpeed's
     # bf16 path above re-homes the optimizer's parameters, and the static step keeps fp32 weights under autocast
     rows += static_step_rows(cfg, stream, counter, batch, steps, repeats, device, meta, rt)
+    if ds_configs:
+        rows += deepspeed_config_rows(cfg, stream, counter, batch, steps, repeats, device, meta, rt)
 
     # the reference pipeline
     rows.append({"variant": f"reference b{batch}",
@@ -203,6 +210,53 @@ def static_step_rows(cfg, stream, counter, batch: int, steps: int, repeats: int,
         report = runner.read()   # the device buffers: every timed step was finite and reached the optimizer
         if report.nonfinite or report.steps == 0:
             raise RuntimeError(f"{label}: {report.nonfinite} non-finite of {report.steps} steps")
+    return rows
+
+
+def deepspeed_config_rows(cfg, stream, counter, batch: int, steps: int, repeats: int, device: torch.device,
+                          meta: dict, rt) -> list[dict]:
+    """DeepSpeed's eager step (engine(batch), backward, step: what `smallvit train` runs) per configuration: ZeRO 0
+    or 1 x bf16 by torch.autocast or by DeepSpeed's bf16 optimizer x torch fused AdamW or DeepSpeed's AdamW."""
+    import deepspeed
+
+    from engine.config import config_from_dict, to_dict
+    from engine.runtime import deepspeed_config
+    from engine.train import param_groups
+
+    cuda = device.type == "cuda"
+    rows = []
+    for zero in (0, 1):
+        for ds_bf16 in (False, True):
+            for ds_adam in (False, True):
+                label = (f"ds zero{zero} {'ds-bf16' if ds_bf16 else 'autocast'} "
+                         f"{'ds-adam' if ds_adam else 'torch-fused'} b{batch}")
+                if not cuda and (ds_bf16 or ds_adam):
+                    print(f"{label}: not run ({'bf16 compute' if ds_bf16 else 'DeepSpeed FusedAdam'} needs CUDA; "
+                          f"the CPU path is fp32 with torch AdamW)")
+                    continue
+                run_cfg = config_from_dict(to_dict(cfg), [f"engine.zero_stage={zero}"])
+                module, opt = _fresh_step(run_cfg, meta["num_classes"], device)
+                ds_conf = deepspeed_config(run_cfg, rt.world_size, ds_bf16)
+                if ds_adam:   # DeepSpeed builds its own (fused CUDA) AdamW from the config: a JIT-built op
+                    ds_conf["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-4, "betas": list(cfg.optim.betas),
+                                                                        "weight_decay": 0.05}}
+                    try:
+                        engine, _, _, _ = deepspeed.initialize(model=module, config=ds_conf,
+                                                               model_parameters=param_groups(module, 0.05))
+                    except Exception as exc:   # e.g. no nvcc to build the op: say so, time the rest
+                        print(f"{label}: not run (DeepSpeed could not build its optimizer: {exc})")
+                        continue
+                else:
+                    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=ds_conf)
+
+                def step(engine=engine):
+                    b = next(stream)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        loss, _ = engine(b, 30.0, next(counter))
+                    engine.backward(loss)
+                    engine.step()
+                rows.append({"variant": label, "mode": "eager", "optimizer": type(engine.optimizer).__name__,
+                             **_rate(step, batch, steps, repeats, device)})
     return rows
 
 
@@ -298,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="reference pipeline's workers")
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("--no-record", action="store_true", help="do not add lines to bench/results/README.md")
+    ap.add_argument("--ds-configs", action="store_true",
+                    help="also time DeepSpeed's step under ZeRO 0/1 x autocast/DeepSpeed bf16 x torch/DeepSpeed AdamW")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if cuda else "cpu")
     from loaders.convert.arrays import ArraySource
@@ -311,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                                 rng.integers(0, 10, args.images), [str(i) for i in range(10)], "random", "train"),
                     beton, WriteOptions(num_workers=1, progress=False))
         for batch in (int(b) for b in args.batch.split(",")):
-            rows += bench_batch(beton, batch, args.steps, args.repeats, device, args.workers)
+            rows += bench_batch(beton, batch, args.steps, args.repeats, device, args.workers, args.ds_configs)
     print_table(rows, ["variant", "mode", "images_per_s", "step_ms", "min_ms", "max_ms", "vs_model_only"])
     write_results("train", rows, "images_per_s", "variant", "img/s", out_dir=args.out_dir, record=not args.no_record)
     return 0
