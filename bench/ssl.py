@@ -7,7 +7,9 @@ fine-tuning from it beat training from scratch on the same fine-tune budget?
 
 Rows, side by side from one run: the k-NN probe (k 20, T 0.07) of the randomly initialised backbone and of the
 DINO teacher at every evaluation; with --finetune-epochs, the best test top-1 of the fine-tune recipe from the
-pretrained teacher and from scratch (model.finetune_from empty), same epochs, same everything else. Writes
+pretrained teacher and from scratch (model.finetune_from empty), same epochs, same everything else. The DINO loss
+per epoch (mean of the logged steps) is printed first and last and kept in the JSON's curves; each run's curves.png
+is copied beside the JSON as ssl_<device>_<run>_curves.png. Writes
 bench/results/ssl_<device>.json (with every run's curves and summary) and .png, and a README line per row.
 `--set KEY=VALUE` applies to every stage; `--pretrain-set` / `--finetune-set` to one.
 """
@@ -47,6 +49,17 @@ def _evals(run_dir: Path, key: str) -> list[dict]:
             if r["kind"] == "eval" and key in r]
 
 
+def _loss_by_epoch(run_dir: Path) -> list[dict]:
+    """Mean of the logged pretraining losses per epoch: [{"epoch": e, "loss": mean}] (epochs from 0)."""
+    from engine.run_log import read_metrics
+
+    sums: dict[int, list[float]] = {}
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        if r["kind"] == "train" and "loss" in r:
+            sums.setdefault(r["epoch"], []).append(r["loss"])
+    return [{"epoch": e, "loss": sum(v) / len(v)} for e, v in sorted(sums.items())]
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.config import load_config
     from engine.pretrain import build_network, knn_probe, pretrain
@@ -71,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     del start
 
     summary = pretrain(pre_cfg)
+    if summary["exit_code"] != 0:   # interrupted: no comparison to make from a partial run
+        print(f"pretraining stopped early (exit {summary['exit_code']}); resume it with "
+              f"--pretrain-set run.resume=auto", file=sys.stderr)
+        return summary["exit_code"]
     for r in _evals(work / "pretrain", "knn_top1"):
         rows.append({"variant": f"k-NN, DINO epoch {r['epoch']}", "top1": r["knn_top1"], "epochs": r["epoch"]})
     runs = {"pretrain": summary}
@@ -92,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                          "epochs": result["epochs_done"]})
 
     print_table(rows, ["variant", "epochs", "top1"])
-    curves = {"pretrain_knn": _evals(work / "pretrain", "knn_top1")}
+    losses = _loss_by_epoch(work / "pretrain")
+    if losses:
+        print(f"DINO loss (mean of the logged steps): epoch {losses[0]['epoch']} {losses[0]['loss']:.4f} -> "
+              f"epoch {losses[-1]['epoch']} {losses[-1]['loss']:.4f}")
+    curves = {"pretrain_knn": _evals(work / "pretrain", "knn_top1"), "pretrain_loss": losses}
     for name in ("fine-tune", "scratch"):
         if (work / name / "metrics.jsonl").is_file():
             curves[name] = _evals(work / name, "top1")
@@ -100,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     paths = write_results("ssl", rows, "top1", "variant", "%", Path(args.out_dir) if args.out_dir else None,
                           command=command, record=not args.no_record,
                           extra={"curves": curves, "summaries": json.loads(json.dumps(runs, default=str))})
+    import shutil
+
+    device_tag = paths["json"].stem.rsplit("_", 1)[-1]
+    for name in ("pretrain", "fine-tune", "scratch"):   # each run's loss/accuracy curves beside the table
+        if (work / name / "curves.png").is_file():
+            shutil.copyfile(work / name / "curves.png", paths["json"].parent / f"ssl_{device_tag}_{name}_curves.png")
     print(f"wrote {paths['json']}")
     return 0
 

@@ -74,3 +74,22 @@ def test_bench_ssl_tiny(tmp_path, tiny_betons):
     assert loss["epoch"] == 0 and 0 < loss["loss"] < 2 * math.log(64)   # out_dim 64: near log K at the start
     assert json.loads((tmp_path / "runs" / "fine-tune" / "finetune_load.json").read_text())["loaded"]
     assert (tmp_path / "README.md").read_text().count(" | ssl | ") == 4
+    for run in ("pretrain", "fine-tune", "scratch"):
+        assert (tmp_path / f"ssl_cpu_{run}_curves.png").stat().st_size > 0
+
+
+def test_bench_ssl_stops_when_pretraining_was_interrupted(tmp_path, tiny_betons, monkeypatch, capsys):
+    """A pretraining run that ended early (SIGTERM: exit 143) is not compared: the bench returns its exit code and
+    writes no results."""
+    import engine.pretrain
+
+    monkeypatch.setattr(engine.pretrain, "pretrain", lambda cfg: {"exit_code": 143})
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    rc = bench_main.main(["ssl", "--pretrain-config", str(configs / "ssl_cifar10_vit.yaml"), "--device", "cpu",
+                          "--work-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out"),
+                          "--set", f"data.train={tiny_betons['train']}", "--set", f"data.test={tiny_betons['test']}",
+                          "--set", "data.dataset=tiny", "--set", "data.loader=resident", "--set", "model.depth=1",
+                          "--set", "model.embed_dim=32", "--set", "model.num_heads=2", "--set", "data.eval_batch_size=48"])
+    assert rc == 143
+    assert "pretraining stopped early (exit 143)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
