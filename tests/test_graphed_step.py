@@ -7,7 +7,6 @@ a 1-block ViT of width 16, drop-path on, clipping on, drloc and translation perc
 where CUDA is present (bitwise comparisons). The last test captures the step on CUDA and skips without it.
 """
 import logging
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from engine.config import config_from_dict
 from engine.graphed_step import StaticStepRunner, config_fallback_reason, plan_graph_step
 from engine.run_log import read_metrics
+from reliability.faults import inject_nonfinite
 
 STEPS = 20
 
@@ -144,41 +144,6 @@ def test_graph_step_key_reads_on_and_off_from_yaml_and_refuses_other_values():
         config_from_dict({}, ["engine.compile=auto"])
 
 
-class _InfGradient(torch.autograd.Function):
-    """Identity forward (the loss stays finite); an Inf gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
-
-
-def _inject(monkeypatch, nan_step=None, inf_step=None):
-    """The class loss NaN at step `nan_step`, its gradient Inf at `inf_step` (1-based, as logged)."""
-    import engine.train as train_module
-
-    seen = {"step": 0}
-    real_ce, real_seed = train_module.class_ce, train_module.step_seed
-
-    def step_seed(seed, global_step, rank):
-        seen["step"] = global_step + 1
-        return real_seed(seed, global_step, rank)
-
-    def class_ce(*args, **kwargs):
-        out = real_ce(*args, **kwargs)
-        if seen["step"] == nan_step:
-            return out * float("nan")
-        if seen["step"] == inf_step:
-            return _InfGradient.apply(out)
-        return out
-
-    monkeypatch.setattr(train_module, "step_seed", step_seed)
-    monkeypatch.setattr(train_module, "class_ce", class_ce)
-
-
 _SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
@@ -232,7 +197,7 @@ def test_device_buffers_log_window_means_and_count_nonfinite_steps_without_host_
     window (equal to the mean of DeepSpeed's per-step losses, float64 sums of the same fp32 values); a NaN loss
     at step 10 is skipped on the device, counted and reported at the read (step 10, 'loss'), leaving the weights
     and AdamW state of step 9. No host sync inside any step; one per read."""
-    _inject(monkeypatch, nan_step=10)
+    inject_nonfinite(monkeypatch, nan_step=10)
     counts = _count_host_syncs(monkeypatch)
     out = tmp_path / "nan"
     summary = _train(tiny_betons, out, "run.max_steps=10", "run.log_every=5", "engine.fail_on_nonfinite=false",
@@ -263,7 +228,7 @@ def test_nonfinite_gradient_stops_at_the_read_naming_its_step(tiny_betons, tmp_p
     read (step 5), naming step 3 and 'gradient'; nothing is saved."""
     from engine.train import NonFiniteLoss
 
-    _inject(monkeypatch, inf_step=3)
+    inject_nonfinite(monkeypatch, inf_step=3)
     out = tmp_path / "stop"
     with pytest.raises(NonFiniteLoss, match="non-finite gradient nan/inf at step 3 "):
         _train(tiny_betons, out, "run.max_steps=5", "run.log_every=5", "engine.graph_step=emulate")

@@ -134,3 +134,41 @@ def disk_full(after_bytes: int = 0, fail_at: int = 0):
         yield
     finally:
         torch.save, st.save_file = real_save, real_save_file
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward (the loss stays finite); an Inf gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def inject_nonfinite(monkeypatch, nan_step=None, inf_step=None, at_step=None) -> None:
+    """In engine.train's loop, make the class loss NaN at global step `nan_step` and its gradient Inf at `inf_step`
+    (1-based, as logged). `at_step(step)`, if given, is called at the start of every step (1-based)."""
+    import engine.train as train_module
+
+    current = {"step": 0}
+    real_ce, real_seed = train_module.class_ce, train_module.step_seed
+
+    def step_seed(seed, global_step, rank):
+        current["step"] = global_step + 1
+        if at_step is not None:
+            at_step(current["step"])
+        return real_seed(seed, global_step, rank)
+
+    def class_ce(*args, **kwargs):
+        out = real_ce(*args, **kwargs)
+        if current["step"] == nan_step:
+            return out * float("nan")
+        if current["step"] == inf_step:
+            return InfGradient.apply(out)
+        return out
+
+    monkeypatch.setattr(train_module, "step_seed", step_seed)
+    monkeypatch.setattr(train_module, "class_ce", class_ce)

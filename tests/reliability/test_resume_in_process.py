@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import runs
+from faults import InfGradient, inject_nonfinite
 from runs import STEPS_PER_EPOCH, TRAIN_IMAGES
 
 SEED = int(os.environ.get("RELIABILITY_SEED", "0")) or random.SystemRandom().randrange(1, 2**31)
@@ -76,18 +77,6 @@ def test_item12_lr_and_optimizer_state_after_resume(pair):
                                 torch.load(final_part / "trainer_state.pt", weights_only=True))
 
 
-class _InfGradient(torch.autograd.Function):
-    """Identity forward (the loss stays finite); an Inf gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
-
-
 def _clone(x):
     """A detached deep copy of a nested state (ZeRO's state dict holds views, which deepcopy refuses)."""
     if isinstance(x, torch.Tensor):
@@ -104,36 +93,22 @@ def _inject(monkeypatch, nan_step=None, inf_step=None):
     record the engine and snapshot parameters + optimizer state at the start of every step."""
     import deepspeed
 
-    import engine.train as train_module
-
     monkeypatch.undo()   # a second injection replaces the first instead of wrapping it
-    seen = {"step": 0, "engine": None, "snapshots": {}}
-    real_ce, real_seed, real_init = train_module.class_ce, train_module.step_seed, deepspeed.initialize
+    seen = {"engine": None, "snapshots": {}}
+    real_init = deepspeed.initialize
 
     def initialize(*args, **kwargs):
         out = real_init(*args, **kwargs)
         seen["engine"] = out[0]
         return out
 
-    def step_seed(seed, global_step, rank):
-        seen["step"] = global_step + 1
+    def snapshot(step):
         eng = seen["engine"]
-        optimizer_state = _clone(eng.optimizer.state_dict())
-        seen["snapshots"][seen["step"]] = (
-            {n: p.detach().clone() for n, p in eng.module.named_parameters()}, optimizer_state)
-        return real_seed(seed, global_step, rank)
-
-    def class_ce(*args, **kwargs):
-        out = real_ce(*args, **kwargs)
-        if seen["step"] == nan_step:
-            return out * float("nan")
-        if seen["step"] == inf_step:
-            return _InfGradient.apply(out)
-        return out
+        seen["snapshots"][step] = ({n: p.detach().clone() for n, p in eng.module.named_parameters()},
+                                   _clone(eng.optimizer.state_dict()))
 
     monkeypatch.setattr(deepspeed, "initialize", initialize)
-    monkeypatch.setattr(train_module, "step_seed", step_seed)
-    monkeypatch.setattr(train_module, "class_ce", class_ce)
+    inject_nonfinite(monkeypatch, nan_step, inf_step, at_step=snapshot)
     return seen
 
 
@@ -223,7 +198,7 @@ def test_item13_bf16_inf_gradient_detected_and_skipped(zero_stage):
         before = snapshot()
         loss, _ = engine(batch, 0.0, step)
         assert math.isfinite(loss.item())
-        engine.backward(_InfGradient.apply(loss) if poisoned else loss)
+        engine.backward(InfGradient.apply(loss) if poisoned else loss)
         finite = check.finite()
         assert finite == (not poisoned), step
         if finite:
