@@ -166,7 +166,10 @@ def test_ctrl_c_mid_write_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SOURCE, str(out / "train.beton")], env=env, cwd=tmp_path)
+    # a shell's background job (`cmd &` without job control) ignores SIGINT, and Python keeps an inherited SIG_IGN
+    # instead of raising KeyboardInterrupt: give the child the default disposition whatever launched the tests
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SOURCE, str(out / "train.beton")], env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not any(p.name.startswith(".train.beton.tmp-") for p in out.iterdir()):
