@@ -111,7 +111,20 @@ def launcher_main(argv: Optional[list[str]], description: str, run: Callable[[Co
     except ConfigError as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)
         return 2
-    return run(cfg)
+    try:
+        return run(cfg)
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Left to interpreter teardown, gloo's worker threads
+    can be destroyed while joinable and abort a rank with "terminate called without an active exception" (exit -6)
+    after its run has finished and written everything. No barrier: after a failure on one rank, others would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 EXIT_INTERRUPTED = 143   # SIGTERM/Ctrl-C: a final checkpoint was written; rerun with run.resume=auto
