@@ -127,6 +127,8 @@ def run_convert(args: argparse.Namespace) -> int:
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of pixels, got {value}")
+        if args.per_class is not None and args.per_class < 1:   # before the (possibly long) read of the source
+            raise ValueError(f"--per-class must be a positive number of images, got {args.per_class}")
         out = Path(args.out)
         splits = parse_splits(args.splits)
         t0 = time.perf_counter()
@@ -134,7 +136,7 @@ def run_convert(args: argparse.Namespace) -> int:
                               download_dir=Path(args.download_dir) if args.download_dir else out / "downloads",
                               mirror=args.mirror, progress=not args.no_progress)
         name = args.dataset or opened.name
-        if getattr(args, "per_class", None) is not None:
+        if args.per_class is not None:
             from loaders.convert.subset import PerClassSubset
 
             opened.sources = {split: PerClassSubset(src, args.per_class) for split, src in opened.sources.items()}
