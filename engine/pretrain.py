@@ -39,7 +39,7 @@ from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_fo
                          report_nonfinite, restore_checkpoint, run_reporting_errors)
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
-from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
+from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.ssl.backbone import MultiCropBackbone, pooled_features
 from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
@@ -56,9 +56,9 @@ STAGE = "pretrain"   # recorded in trainer_state.pt, so a supervised run cannot 
 class DINONetwork(nn.Module):
     """Backbone (run once per crop resolution) + DINO head: list of (B, 3, h_i, w_i) crops -> (sum B, K) logits."""
 
-    def __init__(self, model: nn.Module, head: DINOHead):
+    def __init__(self, model: nn.Module, head: DINOHead, pos_embed_resize: str = "interpolate"):
         super().__init__()
-        self.backbone = MultiCropBackbone(model)
+        self.backbone = MultiCropBackbone(model, pos_embed_resize)
         self.head = head
 
     @property
@@ -76,7 +76,7 @@ def build_network(cfg: Config, drop_path: float) -> DINONetwork:
     init_pos_embed(model, cfg.model.pos_embed_init)
     head = DINOHead(MultiCropBackbone(model).embed_dim, cfg.ssl.out_dim, cfg.ssl.hidden_dim, cfg.ssl.bottleneck_dim,
                     cfg.ssl.norm_last_layer)
-    return DINONetwork(model, head)
+    return DINONetwork(model, head, cfg.ssl.pos_embed_resize)
 
 
 def check_config(cfg: Config, world_size: int) -> None:
@@ -138,12 +138,15 @@ def knn_probe(model: nn.Module, cfg: Config, rt: Runtime, dtype: torch.dtype) ->
 
 def pretrain(cfg: Config) -> dict:
     """Run the configured pretraining; return the summary (also written to out_dir/summary.json)."""
+    with deterministic_algorithms(cfg.engine.deterministic):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg: Config) -> dict:
     preflight(cfg.data)
     rt = init_runtime(cfg.engine.device)
     check_config(cfg, rt.world_size)
     out_dir = Path(cfg.run.out_dir)
-    if cfg.engine.deterministic:
-        torch.use_deterministic_algorithms(True)
     bf16 = cfg.engine.precision == "bf16" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
     compute_dtype = torch.bfloat16 if bf16 else torch.float32
     channels_last = cfg.engine.channels_last and rt.device.type == "cuda"

@@ -1,10 +1,12 @@
 """Process-level setup: distributed init (DeepSpeed's, gloo on CPU), the device, seeds, the DeepSpeed config."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -21,6 +23,24 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """`engine.deterministic`: torch's deterministic algorithms for the run, the caller's setting restored after it
+    (a run inside a notebook or a test session must not leave the process deterministic). Off leaves the process's
+    setting alone. On CUDA, cuBLAS is deterministic only with a fixed workspace, which torch reads from
+    CUBLAS_WORKSPACE_CONFIG when the first cuBLAS call makes its handle; without it the first matmul raises."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
 def _free_port() -> int:

@@ -37,7 +37,7 @@ from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_
 from engine.models import create_model
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
-from engine.runtime import Runtime, deepspeed_config, init_runtime, step_seed
+from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.schedule import lr_at
 from engine.tasks import build_tasks, class_ce, effective_epochs
 from loaders.batch import Batch
@@ -143,11 +143,14 @@ class StopFlag:
 
 def train(cfg: Config) -> dict:
     """Run the configured training; return the final summary (also written to out_dir/summary.json)."""
+    with deterministic_algorithms(cfg.engine.deterministic):
+        return _train(cfg)
+
+
+def _train(cfg: Config) -> dict:
     preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
     rt = init_runtime(cfg.engine.device)
     out_dir = Path(cfg.run.out_dir)
-    if cfg.engine.deterministic:
-        torch.use_deterministic_algorithms(True)
     bf16 = cfg.engine.precision == "bf16" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
     if cfg.engine.precision == "bf16" and not bf16 and rt.is_main:
         log.info("engine.precision=bf16 needs a CUDA device with bf16; running fp32 on %s", rt.device)

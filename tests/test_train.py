@@ -2,6 +2,8 @@
 
 Resume exactness and non-finite steps are tested in tests/reliability/ (items 2, 12, 13)."""
 
+import os
+
 import pytest
 import torch
 
@@ -82,3 +84,41 @@ def test_resume_refuses_a_checkpoint_of_another_model(tiny_betons, tmp_path):
     torch.save({**state, "model": "cait_cifar", "num_classes": 100}, state_file)
     with pytest.raises(ConfigError, match="holds cait_cifar with 100 classes"):
         train(_cfg(tiny_betons, out, "run.resume=auto"))
+
+
+def test_deterministic_run_restores_the_callers_setting(tiny_betons, tmp_path, monkeypatch):
+    """engine.deterministic holds for the run only: the process's own setting (off, or on with warn_only) comes
+    back after it, and CUBLAS_WORKSPACE_CONFIG is set for CUDA's deterministic cuBLAS unless the user set it."""
+    from engine.runtime import deterministic_algorithms
+    from engine.train import train
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen["inside"] = torch.are_deterministic_algorithms_enabled()
+        return real_evaluate(*args, **kwargs)
+
+    import engine.train as train_module
+    real_evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    try:
+        torch.use_deterministic_algorithms(False)
+        summary = train(_cfg(tiny_betons, tmp_path / "run", "engine.deterministic=true", "optim.epochs=1"))
+        assert summary["exit_code"] == 0 and seen["inside"] is True
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        with deterministic_algorithms(True):
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        with pytest.raises(RuntimeError, match="boom"), deterministic_algorithms(True):   # restored on an error too
+            torch.use_deterministic_algorithms(False)
+            raise RuntimeError("boom")
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
