@@ -183,6 +183,8 @@ class SSLConfig:
     lr_per_256: bool = True            # optim.lr is per 256 images: peak lr = optim.lr * global batch / 256 (DINO)
     clip_mode: Literal["per_param", "global"] = "per_param"  # DINO clips each parameter's gradient norm to
                                                               # optim.clip_grad; 'global' clips the total norm
+    pos_embed_resize: Literal["interpolate", "truncate"] = "interpolate"  # local crops' absolute pos-embed:
+                                       # DINO's bicubic resize (spec), or B's CaiT quirk, the first g*g rows
     knn_k: int = 20                    # k-NN probe on the teacher's features at each evaluation (DINO's eval_knn)
     knn_temperature: float = 0.07
 

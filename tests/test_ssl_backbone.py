@@ -153,6 +153,24 @@ def test_half_size_cait_truncate_is_bs_quirk():
         assert (got - pooled_features(model, x)).abs().max() > 1e-3
 
 
+def test_pretraining_network_takes_the_pos_embed_resize_from_config():
+    """`ssl.pos_embed_resize=truncate` reaches the pretraining network: its local-crop features are B's truncation."""
+    from engine.config import ConfigError, config_from_dict
+    from engine.pretrain import build_network
+
+    x = torch.randn(2, 3, 16, 16)
+    for how in ("interpolate", "truncate"):
+        cfg = config_from_dict({}, ["model.name=cait_cifar", f"ssl.pos_embed_resize={how}"])
+        torch.manual_seed(0)
+        network = build_network(cfg, 0.0).eval()
+        with torch.no_grad():
+            got = network.backbone([x])
+            want = pooled_features(network.model, x, pos_embed_resize=how)
+        assert torch.equal(got, want), how
+    with pytest.raises(ConfigError, match="ssl.pos_embed_resize"):
+        config_from_dict({}, ["ssl.pos_embed_resize=nearest"])
+
+
 @pytest.mark.parametrize("variant", VARIANTS + [dict(spt=False, lsa=False, ape=True)], ids=["plain", "spt_lsa", "ape"])
 @pytest.mark.parametrize("name", ["swin_cifar", "swin_tiny_imagenet"])
 def test_half_size_swin_equals_timms_dynamic_size_swin(name, variant):
