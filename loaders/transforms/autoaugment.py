@@ -4,9 +4,12 @@ Definitions are torchvision's (torchvision.transforms.AutoAugment / RandAugment,
 policy tables, magnitude bins, sign rule and op implementations (transforms/_functional_tensor.py), so each op
 here equals torchvision.transforms.functional on the same parameters (tests/test_transforms_autoaugment.py).
 
-Batching: every image draws its sub-policy / ops from its counter-based key; for each stage the images that drew
-the same op are gathered (index_select), transformed together by one batched op with per-image magnitudes, and
-written back. No per-image Python: the Python loop runs over the at most 15 op kinds.
+Batching: every image draws its sub-policy / ops from its counter-based key. Each stage then runs one of two
+bit-identical forms (loaders.transforms.sync_free: sub-batches on the CPU, sync-free elsewhere): the images that
+drew the same op are gathered (index_select), transformed together by one batched op with per-image magnitudes,
+and written back; or every op the stage can draw runs on the whole batch (the five geometric ops as one warp with
+per-image matrices) and each image keeps its own (torch.where). No per-image Python: the Python loop runs over
+the at most 15 op kinds.
 
 Magnitudes are kept as indices into a per-op table of signed values (Python doubles, computed exactly as
 torchvision computes them); geometric ops turn the table into inverse affine matrices once per image size.
@@ -18,19 +21,21 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from loaders.transforms.affine import inverse_affine_matrix, theta_table, warp_nearest
 from loaders.transforms.rng import randint, uniform
+from loaders.transforms.sync_free import per_image, use_sync_free
 
 OP_NAMES = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
             "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
 OP_INDEX = {name: i for i, name in enumerate(OP_NAMES)}
 RANDAUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
                    "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+GEOMETRIC_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 SLOT_AA_POLICY, SLOT_AA_APPLY, SLOT_AA_SIGN = 8, 9, 11
 SLOT_RA = 16
 
@@ -84,20 +89,22 @@ POLICIES: dict[str, list] = {
 
 
 # ----------------------------------------------------------------------------------------- magnitude tables
-def augmentation_space(num_bins: int, height: int, width: int) -> dict[str, tuple[list[float], bool]]:
-    """op -> (magnitude per bin as Python floats, signed), computed with torchvision's exact expressions."""
-    def lin(lo: float, hi: float) -> list[float]:
-        return [float(v) for v in torch.linspace(lo, hi, num_bins).tolist()]
+@lru_cache(maxsize=64)
+def augmentation_space(num_bins: int, height: int, width: int) -> dict[str, tuple[tuple[float, ...], bool]]:
+    """op -> (magnitude per bin as Python floats, signed), computed with torchvision's exact expressions (on
+    host tensors, once per size). The dict is shared: read it, never change it."""
+    def lin(lo: float, hi: float) -> tuple[float, ...]:
+        return tuple(float(v) for v in torch.linspace(lo, hi, num_bins).tolist())
 
     posterize = (8 - (torch.arange(num_bins) / ((num_bins - 1) / 4)).round().int()).tolist()
     return {
-        "Identity": ([0.0], False),
+        "Identity": ((0.0,), False),
         "ShearX": (lin(0.0, 0.3), True), "ShearY": (lin(0.0, 0.3), True),
         "TranslateX": (lin(0.0, 150.0 / 331.0 * width), True), "TranslateY": (lin(0.0, 150.0 / 331.0 * height), True),
         "Rotate": (lin(0.0, 30.0), True), "Brightness": (lin(0.0, 0.9), True), "Color": (lin(0.0, 0.9), True),
         "Contrast": (lin(0.0, 0.9), True), "Sharpness": (lin(0.0, 0.9), True),
-        "Posterize": ([float(v) for v in posterize], False), "Solarize": (lin(255.0, 0.0), False),
-        "AutoContrast": ([0.0], False), "Equalize": ([0.0], False), "Invert": ([0.0], False),
+        "Posterize": (tuple(float(v) for v in posterize), False), "Solarize": (lin(255.0, 0.0), False),
+        "AutoContrast": ((0.0,), False), "Equalize": ((0.0,), False), "Invert": ((0.0,), False),
     }
 
 
@@ -174,12 +181,19 @@ def contrast(images: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
     return blend(images, mean, factor64)
 
 
+@lru_cache(maxsize=8)
+def _sharpness_kernel(device: str) -> torch.Tensor:
+    """torchvision's (3, 3) smoothing kernel, made once per device (setting its centre per call is a host copy)."""
+    kernel = torch.ones((3, 3), dtype=torch.float32)
+    kernel[1, 1] = 5.0
+    kernel /= kernel.sum()
+    return kernel.to(device)
+
+
 def sharpness(images: torch.Tensor, factor64: torch.Tensor) -> torch.Tensor:
     if images.shape[-1] <= 2 or images.shape[-2] <= 2:
         return images
-    kernel = torch.ones((3, 3), dtype=torch.float32, device=images.device)
-    kernel[1, 1] = 5.0
-    kernel /= kernel.sum()
+    kernel = _sharpness_kernel(str(images.device))
     c = images.shape[-3]
     smooth = F.conv2d(images.to(torch.float32), kernel.expand(c, 1, 3, 3), groups=c)
     degenerate = images.clone()
@@ -232,7 +246,7 @@ def apply_op(images: torch.Tensor, op: str, mag_idx: torch.Tensor, num_bins: int
     """One op on a sub-batch uint8 (b, C, H, W) with magnitude indices (b,) into signed_values(...)."""
     h, w = images.shape[-2:]
     values = signed_values(num_bins, h, w, op)
-    if op in ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate"):
+    if op in GEOMETRIC_OPS:
         return geometric(images, op, mag_idx, values, fill)
     mag = _values_on(values, str(images.device))[mag_idx]
     colour: dict[str, Callable[[], torch.Tensor]] = {
@@ -251,16 +265,58 @@ def apply_op(images: torch.Tensor, op: str, mag_idx: torch.Tensor, num_bins: int
 
 
 def apply_ops(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor, num_bins: int,
-              fill: Optional[float] = None) -> torch.Tensor:
-    """Each image i gets op OP_NAMES[op_ids[i]] at magnitude index mag_idx[i]; one batched call per op kind."""
+              fill: Optional[float] = None, ops: Sequence[str] = OP_NAMES,
+              sync_free: Optional[bool] = None) -> torch.Tensor:
+    """Each image i gets op OP_NAMES[op_ids[i]] at magnitude index mag_idx[i]; one batched call per op kind.
+
+    ops: the op kinds op_ids can hold (an image whose op is not listed is left as it is); sync_free: force the
+    form (None: by device, loaders.transforms.sync_free.use_sync_free)."""
+    if use_sync_free(images.device, sync_free):
+        return _apply_ops_everywhere(images, op_ids, mag_idx, num_bins, fill, ops)
     out = images
-    for k, op in enumerate(OP_NAMES):
+    for op in ops:
         if op == "Identity":
             continue
-        sel = torch.nonzero(op_ids == k).flatten()
+        sel = torch.nonzero(op_ids == OP_INDEX[op]).flatten()
         if sel.numel() == 0:
             continue
         out = out.index_copy(0, sel, apply_op(out.index_select(0, sel), op, mag_idx[sel], num_bins, fill))
+    return out
+
+
+@lru_cache(maxsize=64)
+def _geometric_lookup(num_bins: int, height: int, width: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The five geometric ops' matrices in one table (K, 2, 3) float32 (the rows of _geometric_table, op after
+    op) and, per op id, the row its magnitude 0 sits at (15,) int64 (0 for the other ops)."""
+    tables, starts, row = [], [0] * len(OP_NAMES), 0
+    for op in GEOMETRIC_OPS:
+        values = signed_values(num_bins, height, width, op)
+        tables.append(_geometric_table(op, values, height, width, device))
+        starts[OP_INDEX[op]] = row
+        row += len(values)
+    return torch.cat(tables), torch.tensor(starts, dtype=torch.int64).to(device)
+
+
+def _apply_ops_everywhere(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor, num_bins: int,
+                          fill: Optional[float], ops: Sequence[str]) -> torch.Tensor:
+    """apply_ops' sync-free form: every listed op on the whole batch, each image keeping its own op's result.
+    Magnitude indices of images that drew another op are replaced by 0 (any valid row; their result is
+    dropped), and the geometric ops share one warp whose per-image matrix is the row of the op drawn."""
+    h, w = images.shape[-2:]
+    out = images
+    geometric = [op for op in ops if op in GEOMETRIC_OPS]
+    if geometric:
+        table, starts = _geometric_lookup(num_bins, h, w, str(images.device))
+        chosen = op_ids == OP_INDEX[geometric[0]]
+        for op in geometric[1:]:
+            chosen = chosen | (op_ids == OP_INDEX[op])
+        rows = torch.where(chosen, starts[op_ids] + mag_idx, 0)
+        out = per_image(chosen, warp_nearest(images, table[rows], fill=fill), out)
+    for op in ops:
+        if op == "Identity" or op in GEOMETRIC_OPS:
+            continue
+        chosen = op_ids == OP_INDEX[op]
+        out = per_image(chosen, apply_op(images, op, torch.where(chosen, mag_idx, 0), num_bins, fill), out)
     return out
 
 
@@ -295,22 +351,30 @@ def auto_augment_params(keys: torch.Tensor, policy: str) -> dict[str, torch.Tens
     return {"policy": pid, "op": op, "mag_idx": mag_idx, "applied": applied}
 
 
-def auto_augment(images: torch.Tensor, keys: torch.Tensor, policy: str, fill: Optional[float] = None
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """uint8 (B, C, H, W) -> AutoAugment(policy) applied per image, and the draws (see auto_augment_params)."""
+def auto_augment(images: torch.Tensor, keys: torch.Tensor, policy: str, fill: Optional[float] = None,
+                 sync_free: Optional[bool] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """uint8 (B, C, H, W) -> AutoAugment(policy) applied per image, and the draws (see auto_augment_params).
+    sync_free: see apply_ops."""
     p = auto_augment_params(keys, policy)
     for stage in range(2):
-        images = apply_ops(images, p["op"][:, stage], p["mag_idx"][:, stage], 10, fill)
+        stage_ops = tuple(dict.fromkeys(row[stage][0] for row in POLICIES[policy]))
+        images = apply_ops(images, p["op"][:, stage], p["mag_idx"][:, stage], 10, fill, stage_ops, sync_free)
     return images, p
+
+
+@lru_cache(maxsize=16)
+def _rand_augment_tables(num_bins: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(14,) int64 ids into OP_NAMES of RANDAUGMENT_OPS and (14,) bool: whether each op is signed."""
+    table = torch.tensor([OP_INDEX[o] for o in RANDAUGMENT_OPS], dtype=torch.int64)
+    signed = torch.tensor([augmentation_space(num_bins, 32, 32)[o][1] for o in RANDAUGMENT_OPS], dtype=torch.bool)
+    return table.to(device), signed.to(device)
 
 
 def rand_augment_params(keys: torch.Tensor, num_ops: int = 2, magnitude: int = 9, num_bins: int = 31
                         ) -> dict[str, torch.Tensor]:
     """Per image and step: op uniform over RANDAUGMENT_OPS (14, Identity included), sign negative when the
     draw is 1 (torchvision). 'op' (B, num_ops) ids into OP_NAMES, 'mag_idx' (B, num_ops)."""
-    table = torch.tensor([OP_INDEX[o] for o in RANDAUGMENT_OPS], dtype=torch.int64, device=keys.device)
-    signed = torch.tensor([augmentation_space(num_bins, 32, 32)[o][1] for o in RANDAUGMENT_OPS],
-                          dtype=torch.bool, device=keys.device)
+    table, signed = _rand_augment_tables(num_bins, str(keys.device))
     ops, mags = [], []
     for k in range(num_ops):
         choice = randint(keys, SLOT_RA + 2 * k, len(RANDAUGMENT_OPS))[:, 0]
@@ -323,9 +387,11 @@ def rand_augment_params(keys: torch.Tensor, num_ops: int = 2, magnitude: int = 9
 
 
 def rand_augment(images: torch.Tensor, keys: torch.Tensor, num_ops: int = 2, magnitude: int = 9,
-                 num_bins: int = 31, fill: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """uint8 (B, C, H, W) -> RandAugment(num_ops, magnitude, num_bins) per image, and the draws."""
+                 num_bins: int = 31, fill: Optional[float] = None, sync_free: Optional[bool] = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """uint8 (B, C, H, W) -> RandAugment(num_ops, magnitude, num_bins) per image, and the draws.
+    sync_free: see apply_ops."""
     p = rand_augment_params(keys, num_ops, magnitude, num_bins)
     for k in range(num_ops):
-        images = apply_ops(images, p["op"][:, k], p["mag_idx"][:, k], num_bins, fill)
+        images = apply_ops(images, p["op"][:, k], p["mag_idx"][:, k], num_bins, fill, RANDAUGMENT_OPS, sync_free)
     return images, p
