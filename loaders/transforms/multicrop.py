@@ -2,7 +2,8 @@
 
 Views per image: 2 global crops (RandomResizedCrop to full size, scale `global_scale`, bicubic) and `local_crops`
 local crops (half size, scale `local_scale`); each: flip 0.5, ColorJitter(0.4, 0.4, 0.2, 0.1) with p 0.8
-(brightness, contrast, saturation, hue in a random order per image, like torchvision's ColorJitter), grayscale
+(brightness, contrast, saturation, hue in a random order per image, like torchvision's ColorJitter; sub-batches
+per op on the CPU, the sync-free form elsewhere: loaders.transforms.sync_free), grayscale
 p 0.2, Gaussian blur with sigma ~ U(0.1, 2) with p 1.0 (global 1), 0.1 (global 2), 0.5 (locals), and solarize
 (threshold 128) with p 0.2 on global 2 only.
 
@@ -21,6 +22,7 @@ Slots per view: 0-39 crop tries, 40 flip, 41 jitter apply, 42-45 jitter factors,
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from loaders.transforms.autoaugment import blend, contrast, rgb_to_grayscale, saturation, solarize
 from loaders.transforms.rng import sample_keys, uniform
+from loaders.transforms.sync_free import per_image, use_sync_free
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 TRIES = 10
@@ -57,9 +60,8 @@ def crop_boxes(keys: torch.Tensor, height: int, width: int, scale: tuple, ratio:
         fh, fw = height, int(round(height * ratio[1]))
     else:
         fw, fh = width, height
-    fb = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], device=keys.device)
-    box = torch.stack([top, left, h, w], 1)
-    return torch.where(found[:, None], box, fb[None, :])
+    fallback = ((height - fh) // 2, (width - fw) // 2, fh, fw)
+    return torch.stack([torch.where(found, v, f) for v, f in zip((top, left, h, w), fallback)], 1)
 
 
 def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
@@ -219,19 +221,28 @@ class MultiCrop:
         return views
 
 
+@lru_cache(maxsize=8)
+def _jitter_ranges(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.tensor([0.6, 0.6, 0.8, -0.1], dtype=torch.float64)
+    hi = torch.tensor([1.4, 1.4, 1.2, 0.1], dtype=torch.float64)
+    return lo.to(device), hi.to(device)
+
+
 def jitter_factors(u: torch.Tensor) -> torch.Tensor:
     """(B, 4) uniforms -> (B, 4) float64 brightness U(0.6, 1.4), contrast U(0.6, 1.4), saturation U(0.8, 1.2),
     hue U(-0.1, 0.1) (ColorJitter(0.4, 0.4, 0.2, 0.1))."""
-    lo = torch.tensor([0.6, 0.6, 0.8, -0.1], dtype=torch.float64, device=u.device)
-    hi = torch.tensor([1.4, 1.4, 1.2, 0.1], dtype=torch.float64, device=u.device)
+    lo, hi = _jitter_ranges(str(u.device))
     return lo + (hi - lo) * u.to(torch.float64)
 
 
-def color_jitter(images: torch.Tensor, apply: torch.Tensor, u_factors: torch.Tensor, u_order: torch.Tensor
-                 ) -> torch.Tensor:
-    """ColorJitter on the images where apply (B,) holds; the 4 ops run in the per-image order argsort(u_order)."""
+def color_jitter(images: torch.Tensor, apply: torch.Tensor, u_factors: torch.Tensor, u_order: torch.Tensor,
+                 sync_free: Optional[bool] = None) -> torch.Tensor:
+    """ColorJitter on the images where apply (B,) holds; the 4 ops run in the per-image order argsort(u_order).
+    sync_free: force the form (None: by device, loaders.transforms.sync_free.use_sync_free)."""
     factors = jitter_factors(u_factors)
     order = torch.argsort(u_order, dim=1)                                               # (B, 4) a permutation
+    if use_sync_free(images.device, sync_free):
+        return _color_jitter_everywhere(images, apply, factors, order)
     ops = [lambda x, f: blend(x, torch.zeros_like(x), f),
            lambda x, f: contrast(x, f),
            lambda x, f: saturation(x, f),
@@ -242,4 +253,21 @@ def color_jitter(images: torch.Tensor, apply: torch.Tensor, u_factors: torch.Ten
             sel = torch.nonzero(apply & (order[:, position] == op)).flatten()
             if sel.numel():
                 x = x.index_copy(0, sel, ops[op](x.index_select(0, sel), factors[sel, op]))
+    return x
+
+
+def _color_jitter_everywhere(images: torch.Tensor, apply: torch.Tensor, factors: torch.Tensor,
+                             order: torch.Tensor) -> torch.Tensor:
+    """color_jitter's sync-free form. Brightness, contrast and saturation are all blend(x, other, f) with other
+    = 0, the grey mean or the grey image, so at each position one blend with the per-image `other` serves the
+    three (elementwise: the same bits as each op alone), and the hue shift runs on the whole batch beside it."""
+    x = images
+    for position in range(4):
+        op = order[:, position]                                                        # (B,) 0..3
+        f = factors.gather(1, op[:, None])[:, 0]                                       # (B,) float64
+        grey = rgb_to_grayscale(x).to(torch.float32)                                   # (B, 1, H, W)
+        mean = torch.mean(grey, dim=(-3, -2, -1), keepdim=True)                        # as contrast() takes it
+        other = per_image(op == 0, torch.zeros_like(grey), per_image(op == 1, mean.expand_as(grey), grey))
+        blended = blend(x, other, f)
+        x = per_image(apply & (op == 3), adjust_hue(x, f), per_image(apply & (op < 3), blended, x))
     return x
