@@ -22,6 +22,7 @@ per-image Python runs.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Optional, Sequence
 
 import torch
@@ -52,6 +53,12 @@ def inverse_affine_matrix(center: Sequence[float], angle: float, translate: Sequ
     return matrix
 
 
+@lru_cache(maxsize=64)
+def _half_size(height: int, width: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(2,) [W/2, H/2] on the device, made once (a tensor from Python numbers per call is a host copy)."""
+    return torch.tensor([0.5 * width, 0.5 * height], dtype=dtype).to(device)
+
+
 def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """theta (B, 2, 3) float32 inverse matrices -> grid (B, H, W, 2) for grid_sample(align_corners=False)."""
     b = theta.shape[0]
@@ -61,7 +68,7 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     base[..., 1].copy_(torch.linspace(-height * 0.5 + 0.5, height * 0.5 + 0.5 - 1, steps=height,
                                       device=dev).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=dev)
+    rescaled = theta.transpose(1, 2) / _half_size(height, width, dtype, str(dev))
     grid = base.view(1, height * width, 3).expand(b, height * width, 3).bmm(rescaled)
     return grid.view(b, height, width, 2)
 
@@ -83,7 +90,7 @@ def warp_nearest(images: torch.Tensor, theta: torch.Tensor, fill: Optional[float
     out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     if fill is not None:
         out, inside = out[:, :-1], out[:, -1:]
-        out = torch.where(inside < 0.5, torch.tensor(float(fill), dtype=work, device=x.device), out)
+        out = torch.where(inside < 0.5, float(fill), out)
     if not images.dtype.is_floating_point:
         out = torch.round(out)
     return out.to(images.dtype)

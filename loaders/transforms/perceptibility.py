@@ -44,6 +44,12 @@ def _thetas(height: int, width: int, shifts: tuple, scales: tuple, device: str) 
                         for dx in shifts for dy in shifts for s in scales], device)
 
 
+@lru_cache(maxsize=32)
+def _grid_on(values: tuple, device: str) -> torch.Tensor:
+    """(10,) float32 grid values on the device, made once (a host copy per batch otherwise)."""
+    return torch.tensor(values, dtype=torch.float64).to(device, torch.float32)
+
+
 def fill_value(fill: str | float) -> float:
     """'faithful' -> 128.0 (the reference), 'mean' -> 0.0 (the dataset mean in normalized space), or a number."""
     if fill == "faithful":
@@ -71,7 +77,7 @@ def translate_scale(images: torch.Tensor, keys: torch.Tensor, kind: str = "trans
     shifts, scales = translate_grid(max_shift), scale_grid(scale_min, scale_max)
     if kind in ("translate", "both"):
         t_idx = randint(keys, SLOT_TRANSLATE, GRID_STEPS, n=2)                    # (B, 2)
-        params["translate"] = torch.from_numpy(shifts).to(dev, torch.float32)[t_idx]
+        params["translate"] = _grid_on(tuple(shifts), str(dev))[t_idx]
         params["translate_idx"] = t_idx
         shift_values: tuple = tuple(shifts)
     else:
@@ -79,7 +85,7 @@ def translate_scale(images: torch.Tensor, keys: torch.Tensor, kind: str = "trans
         shift_values = (0.0,)
     if kind in ("scale", "both"):
         s_idx = randint(keys, SLOT_SCALE, GRID_STEPS, n=1)                        # (B, 1)
-        params["scale"] = torch.from_numpy(scales).to(dev, torch.float32)[s_idx]
+        params["scale"] = _grid_on(tuple(scales), str(dev))[s_idx]
         params["scale_idx"] = s_idx
         scale_values: tuple = tuple(scales)
     else:

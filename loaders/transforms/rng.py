@@ -11,14 +11,14 @@ import torch
 _MASK32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+def _mul32(x: torch.Tensor | int, m: int) -> torch.Tensor | int:
     """(x * m) mod 2**32 for x < 2**32, without overflowing int64."""
     hi = ((x * (m >> 16)) & 0xFFFF) << 16
     return (hi + x * (m & 0xFFFF)) & _MASK32
 
 
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """The 'lowbias32' integer hash on int64 tensors holding 32-bit values."""
+def hash32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """The 'lowbias32' integer hash on int64 tensors holding 32-bit values (or on a Python int: the same bits)."""
     x = x & _MASK32
     x = x ^ (x >> 16)
     x = _mul32(x, 0x7FEB352D)
@@ -29,10 +29,9 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 
 def sample_keys(seed: int, epoch: int, index: torch.Tensor, view: int = 0) -> torch.Tensor:
     """(B,) int64 keys for the samples `index` (B,) of `epoch`; `view` separates multi-crop views / passes."""
-    base = hash32(torch.tensor([(seed & _MASK32)], dtype=torch.int64, device=index.device))
-    base = hash32(base ^ (epoch & _MASK32))
-    base = hash32(base ^ (view & _MASK32))
-    return hash32(base ^ (index.to(torch.int64) & _MASK32))
+    # the base in Python ints: a tensor built from them per batch would be a host-to-device copy (a sync) on CUDA
+    base = hash32(hash32(hash32(seed & _MASK32) ^ (epoch & _MASK32)) ^ (view & _MASK32))
+    return hash32((index.to(torch.int64) & _MASK32) ^ base)
 
 
 def uniform(keys: torch.Tensor, slot: int, n: int = 1) -> torch.Tensor:
