@@ -64,12 +64,13 @@ def _torchvision_policy(x, params, policy, size):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("sync_free", [False, True])
 @pytest.mark.parametrize("policy", ["cifar10", "svhn", "imagenet"])
 @pytest.mark.parametrize("size", [(32, 32), (31, 33)])
-def test_policy_equals_torchvision_sequence(policy, size):
+def test_policy_equals_torchvision_sequence(policy, size, sync_free):
     x = _images(96, *size, seed=3)
     keys = sample_keys(11, 4, torch.arange(96))
-    y, params = auto_augment(x, keys, policy)
+    y, params = auto_augment(x, keys, policy, sync_free=sync_free)
     assert torch.equal(y, _torchvision_policy(x, params, policy, size))
 
 
@@ -103,7 +104,8 @@ def test_policy_draw_frequencies_follow_torchvision():
     assert not (p["mag_idx"][:, 0] >= 10)[~signed].any()
 
 
-def test_randaugment_statistics_and_equality():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_randaugment_statistics_and_equality(sync_free):
     n = 70_000
     keys = sample_keys(1, 0, torch.arange(n))
     p = rand_augment_params(keys)
@@ -114,7 +116,7 @@ def test_randaugment_statistics_and_equality():
         assert _chi2(used, n / 14) < 45                                 # 13 dof
     assert (p["op"][:, 0] == p["op"][:, 1]).double().mean().sub(1 / 14).abs() < 0.01
     x = _images(64, 32, 32, seed=5)
-    y, q = rand_augment(x, keys[:64])
+    y, q = rand_augment(x, keys[:64], sync_free=sync_free)
     ref = []
     for i in range(64):
         img = x[i]

@@ -80,12 +80,13 @@ def test_colour_ops_equal_torchvision():
         assert (gaussian_blur(xs, sig, k).int() - ref.int()).abs().max() <= 1
 
 
-def test_color_jitter_order_and_factors_match_torchvision_sequence():
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_color_jitter_order_and_factors_match_torchvision_sequence(sync_free):
     x = _images(32, 16, 16, seed=4)
     u = torch.rand(32, 4, generator=torch.Generator().manual_seed(5))
     order_u = torch.rand(32, 4, generator=torch.Generator().manual_seed(6))
     apply = torch.rand(32, generator=torch.Generator().manual_seed(7)) < 0.8
-    y = color_jitter(x, apply, u, order_u)
+    y = color_jitter(x, apply, u, order_u, sync_free=sync_free)
     fac = jitter_factors(u)
     fns = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(32):
