@@ -318,3 +318,27 @@ def test_cuda_pipeline_makes_no_host_sync_on_fake_cuda(monkeypatch, clean_transf
                         lambda: on_device.to("cpu"), lambda: torch.nonzero(on_device)):
             with pytest.raises((HostSyncError, DynamicOutputShapeException)), no_host_sync(monkeypatch):
                 attempt()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the fake-CUDA test runs without)")
+def test_cuda_pipeline_makes_no_host_sync_on_a_real_gpu():
+    """On a real GPU, CUDA's own sync detector (set_sync_debug_mode('error')) over a second batch of each recipe,
+    and the batch draws the same parameters as on the CPU."""
+    cuda = torch.device("cuda")
+    transforms = [TrainTransform(data, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=3, num_classes=10,
+                                 perceptibility=perc) for data, perc in _recipes()]
+    x = _images(7, 32, 32, seed=9)
+    index = torch.arange(100, 107)
+    for t in transforms:
+        t(x.to(cuda), index.to(cuda) % 10, index.to(cuda), 1, index.to(cuda) % 2)           # warm-up
+    inputs = (x.to(cuda), index.to(cuda) % 10, index.to(cuda), 2, index.to(cuda) % 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batches = [t(*inputs) for t in transforms]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for t, on_gpu in zip(transforms, batches):
+        on_cpu = _batch_tensors(t(x, index % 10, index, 2, index % 2))
+        assert on_cpu.keys() == _batch_tensors(on_gpu).keys()
+        assert torch.equal(on_cpu["p_crop"], on_gpu.params["crop"].cpu())        # same draws on both devices
