@@ -9,6 +9,9 @@ other magnitude ranges), so it is not used.
 
 A raw-pixel .beton works too (nothing to decode: the pixels pass through the pipeline unchanged); the DALI path
 only pays off for JPEG data.
+
+The decode runs `prefetch` batches ahead of the training step on a background thread (loaders/prefetch.py), so
+DALI decodes batch n+1 while batch n is augmented and trained on; `prefetch=0` decodes each batch when asked.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 
 from loaders.batch import Batch
 from loaders.order import EpochPlan
+from loaders.prefetch import Prefetcher
 from loaders.sidecar import DatasetFileError
 from loaders.transforms.pipeline import TrainTransform
 
@@ -119,7 +123,9 @@ class DALILoader:
     """Yields `Batch`es for one rank; `source` is a .beton (jpg or raw) or an ImageFolder directory."""
 
     def __init__(self, source: str | Path, plan: EpochPlan, transform, device: torch.device, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 2, image_size: Optional[int] = None):
+                 world_size: int = 1, num_workers: int = 2, image_size: Optional[int] = None, prefetch: int = 2):
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
         source = Path(source)
         self.samples = FolderSamples(source) if source.is_dir() else BetonSamples(source)
         if len(self.samples) != plan.num_samples:
@@ -129,6 +135,8 @@ class DALILoader:
         self.rank, self.world_size = rank, world_size
         self.image_size = image_size
         self.pipe = _decode_pipeline(plan.per_rank_batch(world_size), num_workers, device, self.decode)
+        self.prefetch = prefetch
+        self._active: Optional[Prefetcher] = None   # the running epoch's decode thread (one pipeline, one user)
 
     def __len__(self) -> int:
         return self.plan.steps()
@@ -152,12 +160,23 @@ class DALILoader:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
         repeats = torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step))
         per = self.plan.per_rank_batch(self.world_size)
-        for s in range(0, len(order), per):
-            idx = order[s:s + per]
-            images = self._decode(idx)
-            labels = torch.from_numpy(self.samples.labels[idx]).to(self.device)
-            index = torch.from_numpy(idx).to(self.device)
-            if isinstance(self.transform, TrainTransform):
-                yield self.transform(images, labels, index, epoch, repeats[s:s + per].to(self.device))
-            else:
-                yield self.transform(images, labels, index, epoch)
+        starts = range(0, len(order), per)
+        if self._active is not None:   # an earlier epoch left unfinished: its thread must let go of the pipeline
+            self._active.close()
+        if self.prefetch:
+            decoded = self._active = Prefetcher(lambda s: self._decode(order[s:s + per]), starts, self.prefetch)
+        else:
+            decoded = ((s, self._decode(order[s:s + per])) for s in starts)
+        try:
+            for s, images in decoded:
+                yield self._batch(order[s:s + per], images, repeats[s:s + per], epoch)
+        finally:
+            if self.prefetch:
+                decoded.close()
+
+    def _batch(self, idx: np.ndarray, images: torch.Tensor, repeats: torch.Tensor, epoch: int) -> Batch:
+        labels = torch.from_numpy(self.samples.labels[idx]).to(self.device)
+        index = torch.from_numpy(idx).to(self.device)
+        if isinstance(self.transform, TrainTransform):
+            return self.transform(images, labels, index, epoch, repeats.to(self.device))
+        return self.transform(images, labels, index, epoch)
