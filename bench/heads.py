@@ -11,7 +11,8 @@ Variants: eager      = engine.tasks.drloc as it runs today (torch.randint pairs,
           triton     = kernels.dispatch with backend='triton' (CUDA only; the CPU interpreter is not a speed path).
 Each variant: warm-up steps, then `--repeats` timings of `--steps` steps, variants interleaved round-robin; the
 table gives the median ms per step and the spread (min, max over repeats). Results go to
-bench/results/{heads|full_step}_<device>_<UTC time>.json unless --out-json says otherwise.
+bench/results/{heads|full_step}_<device>.json (or --out-json), a bar chart .png beside it, and one markdown line per
+variant in the README.md of that folder (not with --no-record).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +30,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from bench.report import bar_chart, record_lines
 from engine.models import create_model
 from engine.tasks.drloc import DrlocHead
 from kernels import dispatch
@@ -138,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="vit_cifar", help="registered model for --full-step")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--compile-model", action="store_true", help="--full-step: torch.compile the model")
-    ap.add_argument("--out-json", default="")
+    ap.add_argument("--out-json", default="", help="JSON path (default bench/results/{heads|full_step}_<device>.json)")
+    ap.add_argument("--no-record", action="store_true", help="do not add lines to the results README table")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -217,12 +221,19 @@ def main(argv: list[str] | None = None) -> dict:
                    "model": args.model if args.full_step else None, "compile_model": args.compile_model},
         "results": rows,
     }
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out_json) if args.out_json else RESULTS / (
-        f"{'full_step' if args.full_step else 'heads'}_{device.type}_{stamp}.json")
+        f"{'full_step' if args.full_step else 'heads'}_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    chart_rows = [{"variant": name, "median_ms": r["median_ms"]} for name, r in rows.items()]
+    bar_chart(chart_rows, "median_ms", "variant", "ms per step (median)",
+              f"{title}, B={args.batch}, {report['device']} {precision}", out.with_suffix(".png"))
+    if not args.no_record:
+        command = " ".join(["python -m bench heads", *(sys.argv[1:] if argv is None else argv)])
+        record_lines(out.parent, "full_step" if args.full_step else "heads",
+                     [(f"{name} B={args.batch} {precision}" + (f" ({r['relative_median']})" if base else ""),
+                       f"{r['median_ms']:,.3f} ms/step") for name, r in rows.items()], command)
+    print(f"wrote {out} and {out.with_suffix('.png').name}")
     return report
 
 

@@ -66,15 +66,24 @@ def write_results(bench: str, rows: list[dict[str, Any]], figure_key: str, label
     png_path = out_dir / f"{bench}_{device_tag}.png"
     bar_chart(rows, figure_key, label_key, unit, f"{bench} on {env['device']}", png_path)
     if record:
-        md = out_dir / "README.md"
-        if not md.exists():
-            md.write_text("# Recorded benchmark figures\n\nEvery figure with the command that produced it "
-                          "(JSON beside this file holds the full environment).\n\n" + TABLE_HEADER)
-        with open(md, "a") as fh:
-            for r in rows:
-                fh.write(f"| {stamp} | {env['device']} | {bench} | {r[label_key]} | "
-                         f"{r[figure_key]:,.1f} {unit} | `{command}` |\n")
+        record_lines(out_dir, bench, [(str(r[label_key]), f"{r[figure_key]:,.1f} {unit}") for r in rows], command,
+                     stamp, env["device"])
     return {"json": json_path, "png": png_path}
+
+
+def record_lines(out_dir: Path, bench: str, figures: list[tuple[str, str]], command: str, stamp: str | None = None,
+                 device: str | None = None) -> Path:
+    """Append one line per (variant, figure) to out_dir/README.md, the table of recorded figures."""
+    md = Path(out_dir) / "README.md"
+    if not md.exists():
+        md.write_text("# Recorded benchmark figures\n\nEvery figure with the command that produced it "
+                      "(JSON beside this file holds the full environment).\n\n" + TABLE_HEADER)
+    stamp = stamp or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    device = device or environment()["device"]
+    with open(md, "a") as fh:
+        for variant, figure in figures:
+            fh.write(f"| {stamp} | {device} | {bench} | {variant} | {figure} | `{command}` |\n")
+    return md
 
 
 def bar_chart(rows: list[dict[str, Any]], figure_key: str, label_key: str, unit: str, title: str, path: Path) -> None:
@@ -88,7 +97,7 @@ def bar_chart(rows: list[dict[str, Any]], figure_key: str, label_key: str, unit:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows) + 2), 4))
     ax.barh(labels, values, color="#4878a8")
     for i, v in enumerate(values):
-        ax.text(v, i, f" {v:,.0f}", va="center", fontsize=8)
+        ax.text(v, i, f" {v:,.0f}" if v >= 10 else f" {v:.3g}", va="center", fontsize=8)
     ax.set_xlabel(unit)
     ax.set_title(title, fontsize=10)
     ax.invert_yaxis()

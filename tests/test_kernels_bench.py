@@ -20,13 +20,18 @@ def test_bench_heads_writes_timings(tmp_path):
         assert len(row["repeats_ms"]) == 2 and all(t > 0 for t in row["repeats_ms"])
         assert row["min_ms"] <= row["median_ms"] <= row["max_ms"]
     assert saved["results"]["eager"]["relative_median"] == "1.00x"
+    assert out.with_suffix(".png").stat().st_size > 0
+    lines = [line for line in (tmp_path / "README.md").read_text().splitlines() if " | heads | " in line]
+    assert len(lines) == 2 and "eager B=3 fp32 (1.00x)" in lines[0] and "ms/step" in lines[0]
+    assert "`python -m bench heads --device cpu --batch 3" in lines[0]
 
 
 def test_bench_full_step_reports_overhead(tmp_path):
     out = tmp_path / "full.json"
     report = heads.main(["--device", "cpu", "--batch", "2", "--full-step", "--pairs", "4", "--hidden", "8",
                          "--steps", "1", "--repeats", "1", "--warmup", "0", "--variants", "fused_torch",
-                         "--out-json", str(out)])
+                         "--out-json", str(out), "--no-record"])
     assert set(report["results"]) == {"no_drloc", "fused_torch"}
+    assert out.with_suffix(".png").is_file() and not (tmp_path / "README.md").exists()
     assert report["results"]["no_drloc"]["relative_median"] == "+0.0%"
     assert json.loads(out.read_text())["bench"] == "drloc_full_step"
