@@ -124,7 +124,8 @@ def time_variants(timers: dict[str, StepTimer], steps: int, repeats: int, warmup
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="images per step (default 1024 on CUDA, the issue's size; 256 on the CPU, to stay quick)")
     ap.add_argument("--grid", type=int, default=8, help="k: the patch grid side (CIFAR ViT: 32/4 = 8)")
     ap.add_argument("--dim", type=int, default=192, help="C: token channels")
     ap.add_argument("--pairs", type=int, default=64, help="m: pairs per image")
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     autocast_dtype = torch.bfloat16 if precision == "bf16" else None
     steps_per_repeat = args.steps or (20 if device.type == "cuda" else 3)
+    args.batch = args.batch or (1024 if device.type == "cuda" else 256)
     torch.manual_seed(0)
     k, n_tok = args.grid, args.grid ** 2
     head = DrlocHead(args.dim, k, mode=args.mode, use_abs=True, hidden=args.hidden).to(device)
