@@ -98,6 +98,26 @@ def test_resume_from_an_emulated_checkpoint_continues_to_the_same_losses(tiny_be
     assert _losses(tmp_path / "resumed_off") == resumed
 
 
+def test_emulated_step_equals_deepspeeds_on_a_second_recipe_shape(tiny_betons, tmp_path):
+    """The same bitwise equality on another shape and task mix: batch 12 (a partial last batch dropped), 2 blocks
+    of width 24 with 3 heads, drloc 'ce' with relative offsets, translation+scale perceptibility, AutoAugment,
+    Mixup/CutMix soft labels, erasing, label smoothing, weights per step."""
+    shape = ("data.batch_size=12", "model.depth=2", "model.embed_dim=24", "model.num_heads=3",
+             "tasks.drloc.mode=ce", "tasks.drloc.use_abs=false", "tasks.drloc.weight_per_step=true",
+             "tasks.perceptibility.kind=both", "tasks.perceptibility.weight_per_step=true",
+             "data.auto_augment=cifar10", "data.mixup_alpha=0.8", "data.cutmix_alpha=1.0", "data.erasing_prob=0.25",
+             "optim.label_smoothing=0.1", "optim.warmup_epochs=0", "run.max_steps=10")
+    _train(tiny_betons, tmp_path / "normal", *shape)
+    _train(tiny_betons, tmp_path / "emulated", *shape, "engine.graph_step=emulate")
+    a, b = _records(tmp_path / "normal"), _records(tmp_path / "emulated")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
+    keys = [k for k in a[0] if k not in ("time", "kind")]
+    assert {"drloc_pass1", "perceptibility_l1_scale"} <= set(keys), keys
+    for ra, rb in zip(a, b):
+        assert {k: ra[k] for k in keys} == {k: rb[k] for k in keys}, ra["step"]
+    assert b[-1]["drloc_loss"] > 0 and len({r["loss"] for r in a}) == 10
+
+
 def test_a_config_that_cannot_be_captured_falls_back_with_its_reason(tiny_betons, tmp_path, caplog):
     """(2) ZeRO stage 1 runs DeepSpeed's step and says why in one line; so do a last partial batch, 'on' without
     CUDA and more than one rank, decided before any work."""
