@@ -142,6 +142,12 @@ class DALILoader:
         return self.plan.steps()
 
     def _decode(self, idx: np.ndarray) -> torch.Tensor:
+        if self.device.type == "cuda":   # the prefetch thread starts on device 0; a rank's device may be another
+            with torch.cuda.device(self.device):
+                return self._decode_on_device(idx)
+        return self._decode_on_device(idx)
+
+    def _decode_on_device(self, idx: np.ndarray) -> torch.Tensor:
         if self.decode:
             self.pipe.feed_input("encoded", [self.samples.encoded(int(i)) for i in idx])
         else:
