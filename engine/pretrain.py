@@ -98,13 +98,14 @@ def check_config(cfg: Config, world_size: int) -> None:
 
 @torch.no_grad()
 def clip_per_parameter(parameters, max_norm: float) -> None:
-    """DINO's utils.clip_gradients: scale each parameter's gradient to norm <= max_norm (1e-6 in the divisor)."""
+    """DINO's utils.clip_gradients: scale each parameter's gradient to norm <= max_norm (1e-6 in the divisor).
+    The scale is chosen on the device: DINO's `if coef < 1` reads every norm on the host, a sync per parameter per
+    step on CUDA. Where coef >= 1 (or NaN) the gradient is multiplied by exactly 1, which leaves its bits as they are."""
     for p in parameters:
         if p.grad is not None:
             norm = p.grad.norm(2)
             coef = max_norm / (norm + 1e-6)
-            if coef < 1:
-                p.grad.mul_(coef)
+            p.grad.mul_(torch.where(coef < 1, coef, 1.0))
 
 
 @torch.no_grad()
