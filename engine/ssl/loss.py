@@ -63,7 +63,8 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_logits: torch.Tensor) -> None:
         """EMA of the teacher's batch mean (all ranks' batches), DINO's update_center."""
         batch_sum = teacher_logits.float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_logits.shape[0]), device=teacher_logits.device)
+        # a fill on the device, not torch.tensor(n, device=...): a host-to-device copy that waits for the device
+        count = torch.full((), float(teacher_logits.shape[0]), device=teacher_logits.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(batch_sum)
             count = count * dist.get_world_size()
