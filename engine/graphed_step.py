@@ -199,11 +199,14 @@ class StaticStepRunner:
         # the fused CUDA kernel reads a float32 LR; elsewhere float64 keeps AdamW's scalar math that of a Python float
         lr_dtype = torch.float32 if device.type == "cuda" else torch.float64
         self.lr = torch.zeros((), dtype=lr_dtype, device=device)
+        # capturable keeps AdamW's step counts on the parameters' device: a capture needs it, and on CUDA an unfused
+        # AdamW with CPU step counts would read them on the host and mix them with the device's skip mask
+        capturable = mode == "graphed" or device.type == "cuda"
         for group in optimizer.param_groups:
             group["lr"] = self.lr
-            if mode == "graphed":
+            if capturable:
                 group["capturable"] = True
-        if mode == "graphed":   # a capturable optimizer keeps its step counts on the parameters' device
+        if capturable:
             for state in optimizer.state.values():
                 if isinstance(state.get("step"), torch.Tensor) and state["step"].device != device:
                     state["step"] = state["step"].to(device)

@@ -248,8 +248,8 @@ def fused_adamw_contract(calls: list):
 
 # (runner mode, fused AdamW, precision): train() builds fused AdamW on CUDA; 'graphed' sets the optimizer up for
 # capture (capturable, step counts on the device) and runs the body a capture records, eagerly
-STATIC_CASES = [("emulated", True, "fp32"), ("emulated", True, "bf16"), ("graphed", True, "fp32"),
-                ("graphed", True, "bf16"), ("graphed", False, "bf16")]
+STATIC_CASES = [("emulated", True, "fp32"), ("emulated", True, "bf16"), ("emulated", False, "fp32"),
+                ("graphed", True, "fp32"), ("graphed", True, "bf16"), ("graphed", False, "bf16")]
 
 
 @pytest.mark.parametrize("mode,fused,prec", STATIC_CASES)
