@@ -1,6 +1,6 @@
 """Conversion speed: images/s of `smallvit convert` for CIFAR-10 on this machine, raw pixels vs JPEG.
 
-    python -m bench.convert_speed [--source PATH] [--out-json F] [--workers N] [--limit N]
+    python -m bench.convert_speed [--source PATH] [--out-dir D] [--out-json F] [--workers N] [--limit N]
 
 Four variants over both splits (60,000 images), each through the real writer (loaders.convert.writer.stage_beton,
 FFCV's DatasetWriter with all cores, statistics included, nothing committed):
@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--source", default=str(DEFAULT_SOURCE),
                         help="the CIFAR-10 JPEG ImageFolder (.tar.gz or folder)")
+    parser.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     parser.add_argument("--out-json", default=None,
-                        help="also write the JSON here (it always goes to bench/results/convert_cpu.json)")
+                        help="also copy the JSON here (it always goes to <out-dir>/convert_<device>.json)")
     parser.add_argument("--workers", type=int, default=-1, help="writer processes (-1: all cores)")
     parser.add_argument("--limit", type=int, default=None, help="first N images per split only (quick check)")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the jpg variants")
@@ -109,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
           f"archive read into memory once: {read_s:.1f} s")
     print_table(rows, ["variant", "images", "seconds", "images_per_s", "MB", "workers"])
     command = "python -m bench.convert_speed" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    paths = write_results("convert", rows, "images_per_s", "variant", "img/s", command=command.strip(),
-                          record=not args.no_record,
+    paths = write_results("convert", rows, "images_per_s", "variant", "img/s", out_dir=args.out_dir,
+                          command=command.strip(), record=not args.no_record,
                           extra={"source": str(source), "archive_read_s": round(read_s, 2), "limit": args.limit,
                                  "jpeg_quality": args.quality})
     if args.out_json:

@@ -43,6 +43,32 @@ def test_bench_train_tiny(tmp_path):
     assert sum(" | train | " in line for line in lines) == 6
 
 
+def test_bench_convert_tiny(tmp_path):
+    """The conversion bench over a generated ImageFolder (train/test splits, 2 classes, 32x32 PNGs): four variants,
+    each converting every image of both splits; a missing source is refused."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for c in ("cat", "dog"):
+            folder = tmp_path / "src" / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "out"
+    rc = bench_main.main(["convert", "--source", str(tmp_path / "src"), "--workers", "1", "--out-dir", str(out),
+                          "--out-json", str(tmp_path / "copy.json")])
+    assert rc == 0
+    rows = _check(out / "convert_cpu.json", ["files -> raw", "files -> jpg", "arrays -> raw", "arrays -> jpg"])
+    assert all(r["images"] == 20 and r["MB"] > 0 for r in rows)
+    copied = json.loads((tmp_path / "copy.json").read_text())
+    assert copied["rows"] == json.loads((out / "convert_cpu.json").read_text())["rows"]
+    lines = (out / "README.md").read_text().splitlines()
+    assert sum(" | convert | " in line for line in lines) == 4
+    assert bench_main.main(["convert", "--source", str(tmp_path / "missing"), "--out-dir", str(out)]) == 2
+
+
 def test_bench_usage_lists_every_bench(capsys):
     assert bench_main.main(["--help"]) == 0
     out = capsys.readouterr().out
