@@ -28,7 +28,7 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  chunk: int = 1024) -> float:
     """Top-1 accuracy in percent. train (N, D) / test (M, D) normalised features, (N,) / (M,) int labels."""
     k = min(k, train_features.shape[0])
-    correct = 0
+    correct = torch.zeros((), dtype=torch.int64, device=test_features.device)   # read once, at the end
     bank = train_features.t()
     for start in range(0, test_features.shape[0], chunk):
         query = test_features[start:start + chunk]
@@ -36,5 +36,5 @@ def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_
         neighbours = train_labels[idx]                                              # (b, k)
         votes = torch.zeros(query.shape[0], num_classes, device=query.device, dtype=sims.dtype)
         votes.scatter_add_(1, neighbours, (sims / temperature).exp())
-        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
-    return 100.0 * correct / max(1, test_features.shape[0])
+        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum()
+    return 100.0 * correct.item() / max(1, test_features.shape[0])
