@@ -116,9 +116,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime, dtype: torch.dtype) -> dict[
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     model.train()
-    n = max(sums[3].item(), 1.0)
-    return {"loss": sums[0].item() / n, "top1": 100.0 * sums[1].item() / n, "top5": 100.0 * sums[2].item() / n,
-            "count": int(sums[3].item())}
+    loss_sum, top1, top5, count = sums.tolist()   # one read of the device totals
+    n = max(count, 1.0)
+    return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "count": int(count)}
 
 
 class StopFlag:

@@ -441,11 +441,14 @@ def test_evaluate_accumulates_on_the_device(prec, fake_cuda, monkeypatch):
     reads = []
     with fake_cuda:
         model = model.to("cuda")
-        monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append((t.device, t.dtype)) or 3.0)
+        from torch._subclasses.fake_tensor import FakeTensor   # it defines its own tolist
+
+        monkeypatch.setattr(FakeTensor, "tolist", lambda t: reads.append((t.device, t.dtype, t.shape)) or [3.0] * 4)
         with linear_output_dtypes(model) as dtypes:
             result = evaluate(model, GuardedLoader([7, 5, 3]), Runtime(0, 1, 0, CUDA), compute_dtype(prec))
     assert set(dtypes) == {compute_dtype(prec)} and model.training
-    assert set(reads) == {(CUDA, torch.float64)} and result == {"loss": 1.0, "top1": 100.0, "top5": 100.0, "count": 3}
+    assert reads == [(CUDA, torch.float64, (4,))]   # one read of the four totals
+    assert result == {"loss": 1.0, "top1": 100.0, "top5": 100.0, "count": 3}
 
 
 def test_knn_probe_stays_on_the_device(fake_cuda, monkeypatch):
