@@ -177,8 +177,7 @@ class DALILoader:
             for s, images in decoded:
                 yield self._batch(order[s:s + per], images, repeats[s:s + per], epoch)
         finally:
-            if self.prefetch:
-                decoded.close()
+            decoded.close()   # a Prefetcher stops its thread; the on-demand generator just ends
 
     def _batch(self, idx: np.ndarray, images: torch.Tensor, repeats: torch.Tensor, epoch: int) -> Batch:
         labels = torch.from_numpy(self.samples.labels[idx]).to(self.device)
