@@ -16,10 +16,14 @@ from loaders.sidecar import DatasetFileError
 
 
 def open_beton(path: str | Path, batch_size: int, num_workers: int = 1, os_cache: bool = True):
-    """An FFCV Loader yielding (uint8 (B, 3, H, W) CPU tensor, (B,) int labels) in the order we give it."""
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    """An FFCV Loader yielding (uint8 (B, 3, H, W) CPU tensor, (B,) int labels) in the order we give it.
+
+    JPEG samples are decoded with the accurate IDCT (loaders.jpeg), the pixels PIL and DALI's CPU decoder give."""
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+    from loaders.jpeg import accurate_rgb_decoder
 
     path = Path(path)
     if not path.is_file():
@@ -27,7 +31,7 @@ def open_beton(path: str | Path, batch_size: int, num_workers: int = 1, os_cache
     try:
         return Loader(str(path), batch_size=batch_size, num_workers=max(1, num_workers),
                       order=OrderOption.SEQUENTIAL, os_cache=os_cache, drop_last=False,
-                      pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
+                      pipelines={"image": [accurate_rgb_decoder(), ToTensor(), ToTorchImage()],
                                  "label": [IntDecoder(), ToTensor(), Squeeze()]})
     except Exception as exc:  # FFCV raises assorted errors (struct, value, key) on a bad header
         raise DatasetFileError(f"{path}: not a readable .beton ({type(exc).__name__}: {exc})") from None
