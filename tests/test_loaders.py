@@ -238,6 +238,30 @@ def test_dali_raw_beton_passes_pixels_through_exactly(betons):
         assert torch.equal(x.images, y.images) and torch.equal(x.soft_labels, y.soft_labels)
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("kind", LOADERS)
+def test_an_epoch_makes_no_blocking_copy_and_no_host_sync(betons, kind, train):
+    """With the device set to an accelerator ('meta': no data, CUDA's device rules; bench.counting), a whole
+    epoch of each loader with the full recipe: no host-to-device copy that waits (labels, index and repeats are
+    slices of device arrays, images come through pinned memory, non_blocking), no device-to-host read; one
+    upload per batch (the images; none for the resident loader) plus the epoch's order and repeats."""
+    from bench.counting import DeviceWork
+
+    mode = "jpg" if kind == "dali" else "raw"
+    data = _data(betons[mode], kind, auto_augment="cifar10", erasing_prob=0.25, mixup_alpha=1.0, cutmix_alpha=1.0,
+                 num_workers=1, drop_last=False)
+    meta = torch.device("meta")
+    with DeviceWork():                                  # emulates pinned memory for the set-up and warm-up too
+        loader, _ = build_loader(data, train, 0, meta, perceptibility=PerceptibilityConfig(enabled=True))
+        list(loader.epoch(0))                           # the per-size tables (made once) and statistics
+        with DeviceWork(strict=True) as work:
+            batches = list(loader.epoch(1))
+    assert len(batches) == len(loader) and batches[0].images.device == meta and batches[0].labels.device == meta
+    assert work.blocking_copies == 0 and work.syncs == 0
+    per_batch = 0 if kind == "resident" else 1
+    assert work.uploads == per_batch * len(batches) + 2
+
+
 @pytest.mark.parametrize("kind", ["resident", "ffcv", "dali", "torchvision"])
 def test_repeats_draw_different_augmentation(betons, kind):
     mode = "jpg" if kind == "dali" else "raw"
