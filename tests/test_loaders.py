@@ -339,6 +339,27 @@ def test_auto_falls_back_to_ffcv_when_memory_is_short(betons, caplog):
     assert not ok and "exceeds" in why
 
 
+def test_auto_builds_resident_when_the_set_fits_and_ffcv_when_it_does_not(betons, caplog):
+    """The factory's choice itself, at the boundary: data.loader=auto on CUDA with the split needing exactly
+    resident_max_fraction (0.5) of the free memory builds the resident loader, one byte less free builds ffcv.
+    (No GPU here: the free memory is mocked, device copies stay on the host, pinned memory is emulated.)"""
+    from bench.counting import DeviceWork
+    from loaders.ffcv_loader import FFCVLoader
+    from loaders.resident import ResidentLoader
+
+    need = N * 3 * 32 * 32
+    data = _data(betons["raw"], "auto", num_workers=1)
+    built = {}
+    for free in (2 * need, 2 * need - 1):
+        caplog.clear()
+        with mock.patch("torch.cuda.mem_get_info", return_value=(free, 10**12)), caplog.at_level("INFO"), \
+                mock.patch.object(torch.Tensor, "to", lambda self, *a, **k: self), DeviceWork():
+            loader, _ = build_loader(data, True, 0, torch.device("cuda"))
+        built[free] = (type(loader), caplog.text)
+    assert built[2 * need][0] is ResidentLoader and "loader auto -> resident" in built[2 * need][1]
+    assert built[2 * need - 1][0] is FFCVLoader and "loader auto -> ffcv" in built[2 * need - 1][1]
+
+
 def test_mixing_without_classes_and_dali_without_file_are_errors(betons, tmp_path):
     from loaders.dali_loader import DALILoader
     from loaders.order import EpochPlan
