@@ -33,7 +33,9 @@ class DataConfig:
     batch_size: int = 128              # global batch (all ranks, one optimizer step, before accumulation split)
     eval_batch_size: int = 512
     num_workers: int = 2               # CPU decode workers (ffcv/dali/torchvision)
-    order: Literal["random", "quasi_random"] = "random"
+    order: Literal["random", "quasi_random"] = "random"  # training order, every loader alike: uniform permutations,
+                                                        # or FFCV's quasi-random one (few .beton pages open at a
+                                                        # time: for os_cache=false; loaders/order.py)
     os_cache: bool = True              # ffcv: memory-map the whole file (True) or process cache (False)
     resident_max_fraction: float = 0.5  # resident: use it when the set fits in this fraction of device memory
     drop_last: bool = True             # training: drop the last incomplete batch (each sample still seen <= once)

@@ -61,6 +61,21 @@ def beton_labels(reader) -> np.ndarray:
     return np.array(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
 
 
+def beton_pages(path: str | Path) -> np.ndarray:
+    """(N,) int64: the page of the .beton holding each sample's data (its first allocation), as FFCV's memory
+    managers and its quasi-random order count pages."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    table = reader.alloc_table
+    pages = np.full(reader.num_samples, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(pages, table["sample_id"].astype(np.int64),
+                  (table["ptr"] >> np.uint64(int(np.log2(reader.page_size)))).astype(np.int64))
+    if np.any(pages == np.iinfo(np.int64).max):
+        raise DatasetFileError(f"{path}: some samples have no data in the allocation table")
+    return pages
+
+
 def iterate_order(loader, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Run FFCV's epoch iterator over exactly `order` (a sequence of sample indices)."""
     from ffcv.loader.epoch_iterator import EpochIterator

@@ -307,6 +307,70 @@ def test_rank_repeats_matches_plan_order():
                 assert r in pos_owner[i]
 
 
+def _max_open_pages(order: np.ndarray, pages: np.ndarray) -> int:
+    """The most pages begun but not finished at any point of `order` (one pass)."""
+    first, last = {}, {}
+    for t, page in enumerate(pages[order]):
+        first.setdefault(page, t)
+        last[page] = t
+    events = np.zeros(len(order) + 1, dtype=np.int64)
+    for page in first:
+        events[first[page]] += 1
+        events[last[page] + 1] -= 1
+    return int(np.cumsum(events).max())
+
+
+def test_quasi_random_order_is_seeded_resumable_and_keeps_few_pages_open():
+    from loaders.order import EpochPlan
+
+    pages = np.arange(1000) // 10                      # 100 pages of 10 samples, in file order
+    plan = EpochPlan(1000, 8, seed=3, repeats=2, drop_last=False, order="quasi_random", pages=pages)
+    perm = plan.permutation(0)
+    for rep in perm.reshape(2, 1000):
+        assert sorted(rep.tolist()) == list(range(1000))
+        assert _max_open_pages(rep, pages) <= 2 * 8     # FFCV's window: 2 x batch pages
+    assert not np.array_equal(perm[:1000], perm[1000:])
+    uniform = EpochPlan(1000, 8, seed=3).permutation(0)
+    assert _max_open_pages(uniform, pages) > 80          # what a uniform permutation does to the page cache
+    assert np.array_equal(perm, EpochPlan(1000, 8, seed=3, repeats=2, drop_last=False, order="quasi_random",
+                                          pages=pages).permutation(0))
+    assert not np.array_equal(perm, plan.permutation(1))
+    assert not np.array_equal(perm, EpochPlan(1000, 8, seed=4, repeats=2, drop_last=False, order="quasi_random",
+                                              pages=pages).permutation(0))
+    for rank in range(2):                                # resume at a step and shard like the random order
+        full = plan.rank_order(1, rank, 2)
+        assert np.array_equal(plan.rank_order(1, rank, 2, start_step=5), full[5 * 4:])
+    assert sorted(np.concatenate([plan.rank_order(1, r, 2) for r in range(2)]).tolist()) == sorted(
+        plan.permutation(1).tolist())
+    with pytest.raises(ValueError, match="page of each"):
+        EpochPlan(1000, 8, order="quasi_random")
+    with pytest.raises(ValueError, match="data.order"):
+        EpochPlan(1000, 8, order="sequential")
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_data_order_quasi_random_is_read_by_every_loader(betons, kind):
+    """data.order=quasi_random changes the training order (it was accepted and ignored), every loader follows the
+    same plan (pages from the .beton), whatever data.os_cache, and a resumed epoch continues it."""
+    from loaders.ffcv_loader import beton_pages
+
+    mode = "jpg" if kind == "dali" else "raw"
+    data = _data(betons[mode], kind, crop_padding=0, flip=False)
+    order = {}
+    for name, os_cache in (("random", True), ("quasi_random", True), ("quasi_random", False)):
+        loader, _ = build_loader(dataclasses.replace(data, order=name, os_cache=os_cache), True, 2,
+                                 torch.device("cpu"))
+        order[name, os_cache] = torch.cat([b.index for b in _collect(loader, 1)])
+    assert not torch.equal(order["random", True], order["quasi_random", True])
+    assert torch.equal(order["quasi_random", True], order["quasi_random", False])
+    assert torch.equal(torch.cat([b.index for b in _collect(loader, 1, start_step=2)]), order["quasi_random", True][24:])
+    plan_pages = beton_pages(betons[mode])
+    assert plan_pages.shape == (N,) and np.array_equal(loader.plan.pages, plan_pages)
+    reference, _ = build_loader(dataclasses.replace(data, loader="resident", order="quasi_random"), True, 2,
+                                torch.device("cpu"))
+    assert torch.equal(torch.cat([b.index for b in _collect(reference, 1)]), order["quasi_random", True])
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("kind", LOADERS)
 def test_beton_from_another_dataset_is_refused(betons, kind):
