@@ -31,17 +31,9 @@ from loaders.transforms.basic import normalize, random_crop, random_flip
 from loaders.transforms.erasing import random_erase
 from loaders.transforms.mixing import mix_batch
 from loaders.transforms.perceptibility import translate_scale
-from loaders.transforms.rng import hash32, sample_keys
+from loaders.transforms.rng import keys_for, repeat_keys  # noqa: F401  (repeat_keys re-exported)
 
 MIX_VIEW = 0x4D4958          # the batch key's view: separate from every per-sample stream
-
-
-def repeat_keys(keys: torch.Tensor, repeat: Optional[torch.Tensor]) -> torch.Tensor:
-    """Fold the repeat number (B,) into the keys; repeat 0 (or None) leaves them unchanged."""
-    if repeat is None:
-        return keys
-    repeat = repeat.to(keys.device, torch.int64)
-    return torch.where(repeat == 0, keys, hash32(keys ^ hash32(repeat * 0x27D4EB2F + 0x165667B1)))
 
 
 class EvalTransform:
@@ -105,12 +97,11 @@ class TrainTransform(EvalTransform):
 
     def keys(self, index: torch.Tensor, epoch: int, repeat: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) per-sample keys for `index` (B,) at `epoch`, each repeat of a sample with its own stream."""
-        return repeat_keys(sample_keys(self.seed, epoch, index), repeat)
+        return keys_for(self.seed, epoch, index, 0, repeat)
 
     def batch_key(self, index: torch.Tensor, epoch: int, repeat: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(1,) key of the whole batch (mixing), from its first sample: the plan fixes which sample that is."""
-        key = sample_keys(self.seed, epoch, index[:1], view=MIX_VIEW)
-        return repeat_keys(key, None if repeat is None else repeat[:1])
+        return keys_for(self.seed, epoch, index[:1], MIX_VIEW, None if repeat is None else repeat[:1])
 
     def augment_uint8(self, images: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The per-image uint8 stage: pad-crop, flip, AutoAugment/RandAugment, batched."""
