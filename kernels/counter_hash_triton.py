@@ -19,16 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_runtime import _load
+
 BLOCK = 256
 
-
-@triton.jit
-def _hash32(x):
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    return x ^ (x >> 16)
+# drloc's lowbias32 (uint32), from its module built in this module's own mode (interpreted or compiled: a kernel may
+# only call jit functions of its mode)
+_hash32 = _load("kernels.drloc_triton", bool(triton.knobs.runtime.interpret))._hash32
 
 
 @triton.jit(do_not_specialize=["base"])
