@@ -209,3 +209,31 @@ def test_draws_independent_of_batching():
     whole, _ = auto_augment(x, keys, "cifar10")
     parts = torch.cat([auto_augment(x[:7], keys[:7], "cifar10")[0], auto_augment(x[7:], keys[7:], "cifar10")[0]])
     assert torch.equal(whole, parts)
+
+
+def test_train_transform_runs_the_chosen_family():
+    """data.auto_augment_impl picks the family in the pipeline (after pad-crop and flip, as B/D's main.py) and in
+    the torchvision loader's per-image path; a bad value or RandAugment with it is refused naming the key."""
+    from engine.config import DataConfig
+    from loaders.torchvision_loader import augment_one
+    from loaders.transforms import autoaugment
+    from loaders.transforms.basic import random_crop, random_flip
+    from loaders.transforms.pipeline import TrainTransform
+
+    x = fixture_images(16, 32, 32, seed=8)
+    mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+    out = {}
+    for impl, family in (("reference", auto_augment), ("torchvision", autoaugment.auto_augment)):
+        data = DataConfig(auto_augment="svhn", auto_augment_impl=impl)
+        t = TrainTransform(data, mean, std, seed=4)
+        keys = t.keys(torch.arange(16), 3)
+        out[impl], params = t.augment_uint8(x, keys)
+        cropped = random_flip(random_crop(x, keys, 4)[0], keys, slot=2)[0]
+        assert torch.equal(out[impl], family(cropped, keys, "svhn")[0])
+        assert torch.equal(params["augment_op"], family(cropped, keys, "svhn")[1]["op"])
+        assert torch.equal(out[impl], torch.stack([augment_one(x[i], keys[i], data) for i in range(16)]))
+    assert not torch.equal(out["reference"], out["torchvision"])
+    with pytest.raises(ValueError, match="data.auto_augment_impl"):
+        TrainTransform(DataConfig(auto_augment="svhn", auto_augment_impl="pil"), mean, std, seed=4)
+    with pytest.raises(ValueError, match="data.auto_augment_impl.*RandAugment"):
+        TrainTransform(DataConfig(auto_augment="rand", auto_augment_impl="reference"), mean, std, seed=4)
