@@ -202,9 +202,10 @@ def _scale_affine_positions(t: float, n: int) -> list[int]:
     return out
 
 
-def _translate_source(op: str, t: float, h: int, w: int) -> torch.Tensor:
-    """Image.transform(AFFINE, (1, 0, t, 0, 1, 0) or (1, 0, 0, 0, 1, t), NEAREST): flat source index (h*w,),
-    -1 outside."""
+def _translate_source(op: str, magnitude: float, h: int, w: int) -> torch.Tensor:
+    """Image.transform(AFFINE, (1, 0, t, 0, 1, 0) or (1, 0, 0, 0, 1, t), NEAREST) with t = magnitude * W (or H)
+    pixels, signed: flat source index (h*w,), -1 outside."""
+    t = magnitude * (w if op == "TranslateX" else h)
     cols = torch.tensor(_scale_affine_positions(t if op == "TranslateX" else 0.0, w)).view(1, w)
     rows = torch.tensor(_scale_affine_positions(t if op == "TranslateY" else 0.0, h)).view(h, 1)
     return torch.where((rows >= 0) & (cols >= 0), rows * w + cols, -1).reshape(h * w)
@@ -251,8 +252,7 @@ def _geometric_rows(op: str, h: int, w: int) -> list[tuple[torch.Tensor, torch.T
         if op in CUBIC_OPS:
             rows.append(_shear_taps(op, v, h, w))
             continue
-        source = _rotate_source(v, h, w) if op == "Rotate" else _translate_source(op, v * (w if op == "TranslateX"
-                                                                                            else h), h, w)
+        source = _rotate_source(v, h, w) if op == "Rotate" else _translate_source(op, v, h, w)
         rows.append((source.clamp(min=0).expand(4, h * w), torch.zeros(h * w, dtype=torch.float64), source >= 0))
     return rows
 
