@@ -42,6 +42,10 @@ class DataConfig:
     crop_padding: int = 4              # pad-and-random-crop padding in pixels; 0 disables
     flip: bool = True
     auto_augment: Literal["none", "cifar10", "svhn", "imagenet", "rand"] = "none"
+    # whose ops the three policies run: 'reference' = the PIL port B, D and A import (utils/autoaug.py: bicubic
+    # shear, fill 128, rotation without sign, ...; loaders/transforms/autoaugment_reference.py), what their recipes
+    # set; 'torchvision' = torchvision.transforms.AutoAugment's (nearest, fill 0). RandAugment is torchvision's only
+    auto_augment_impl: Literal["torchvision", "reference"] = "torchvision"
     mixup_alpha: float = 0.0           # Mixup Beta(alpha, alpha); 0 disables
     cutmix_alpha: float = 0.0          # CutMix Beta(alpha, alpha); 0 disables
     mix_prob: float = 0.5              # probability that a batch is mixed at all (one of the two, chosen 50/50)
@@ -338,6 +342,8 @@ def validate(cfg: Config) -> None:
         ("data.resident_max_fraction", 0 < cfg.data.resident_max_fraction <= 1, "must be in (0, 1]"),
         ("data.mix_prob", 0 <= cfg.data.mix_prob <= 1, "must be in [0, 1]"),
         ("data.erasing_prob", 0 <= cfg.data.erasing_prob <= 1, "must be in [0, 1]"),
+        ("data.auto_augment_impl", not (cfg.data.auto_augment == "rand" and cfg.data.auto_augment_impl == "reference"),
+         "the references' port has no RandAugment: data.auto_augment=rand needs data.auto_augment_impl=torchvision"),
         ("data.rand_augment_ops", cfg.data.rand_augment_ops >= 1, "must be >= 1"),
         ("data.rand_augment_magnitude", 0 <= cfg.data.rand_augment_magnitude <= 30, "must be in 0..30"),
         ("data.local_crops", cfg.data.local_crops >= 0, "must be >= 0"),

@@ -27,7 +27,8 @@ from loaders.transforms.pipeline import EvalTransform, TrainTransform
 
 
 def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
-    """The uint8 stage for one image (3, H, W) with torchvision.transforms.functional, key () int64."""
+    """The uint8 stage for one image (3, H, W) with torchvision.transforms.functional, key () int64 (the
+    references' AutoAugment family, which torchvision lacks, as a batch of one)."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.autoaugment import _apply_op
@@ -42,6 +43,10 @@ def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
         image = TF.crop(TF.pad(image, [data.crop_padding], fill=0), top, left, h, w)
     if data.flip and float(uniform(keys, 2)[0, 0]) < 0.5:
         image = TF.hflip(image)
+    if data.auto_augment != "none" and getattr(data, "auto_augment_impl", "torchvision") == "reference":
+        from loaders.transforms.autoaugment_reference import auto_augment as reference_auto_augment
+
+        return reference_auto_augment(image.unsqueeze(0), keys, data.auto_augment)[0][0]   # no torchvision op
     if data.auto_augment != "none":
         if data.auto_augment == "rand":
             p = rand_augment_params(keys, data.rand_augment_ops, data.rand_augment_magnitude)
