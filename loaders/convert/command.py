@@ -135,6 +135,8 @@ def run_convert(args: argparse.Namespace) -> int:
         opened = open_dataset(args.source, splits, labels=args.labels, resize=args.resize, download=args.download,
                               download_dir=Path(args.download_dir) if args.download_dir else out / "downloads",
                               mirror=args.mirror, progress=not args.no_progress)
+        for warning in opened.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         name = args.dataset or opened.name
         if args.per_class is not None:
             from loaders.convert.subset import PerClassSubset

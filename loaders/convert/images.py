@@ -10,11 +10,17 @@ from typing import Optional
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+# torchvision ImageFolder's extensions: what PIL, OpenCV and DALI's decoder all read (no .gif: DALI cannot)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_hidden(member: str) -> bool:
+    """Whether any component of a '/'-separated path starts with '.' (.DS_Store, macOS ._x.jpg, .ipynb_checkpoints)."""
+    return any(part.startswith(".") for part in member.split("/"))
 
 
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.rsplit("/", 1)[-1].startswith(".")
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
 
 
 def decode_image(data: bytes) -> np.ndarray:
