@@ -2,6 +2,8 @@
 splits committed or none, .beton bytes independent of the writer count, --jpeg-quality under --mode auto."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from test_convert_support import beton_images, decoded, encode, listing, run_convert_cli, smooth_images
@@ -41,3 +43,52 @@ def test_converter_and_folder_loaders_list_an_imagefolder_alike(tmp_path, capsys
     for image, f in zip(images, files, strict=True):
         with open(f, "rb") as fh:
             np.testing.assert_array_equal(image, decoded(fh.read()))
+
+
+def _two_splits(tmp_path, seed):
+    from test_convert_support import make_imagefolder
+
+    src = tmp_path / f"set{seed}"
+    make_imagefolder(src, {"train": 3, "test": 2}, ["a", "b"], seed=seed)
+    return src
+
+
+def _snapshot(folder):
+    return {p: (folder / p).read_bytes() for p in listing(folder) if (folder / p).is_file()}
+
+
+def test_blocked_test_target_writes_no_split(tmp_path, capsys):
+    """test.beton is a folder: refused before any work (it used to commit train, then fail on test), with --force
+    too; the folder is left as it was."""
+    out = tmp_path / "out"
+    (out / "test.beton").mkdir(parents=True)
+    for force in ((), ("--force",)):
+        rc, _, err = run_convert_cli(capsys, str(_two_splits(tmp_path, 1)), "--out", str(out), *force)
+        assert rc == 2 and err.strip().splitlines() == [f"smallvit: error: {out / 'test.beton'} exists and is not "
+                                                        f"a file (remove it or choose another --out)"], err
+        assert listing(out) == ["test.beton"]
+
+
+def test_failed_rename_under_force_keeps_the_old_pair(tmp_path, capsys, monkeypatch):
+    """--force over an earlier conversion, the rename of the new test split fails: the new train does not stay
+    beside the old test; both old splits and their sidecars are back, byte for byte, nothing else is left."""
+    out = tmp_path / "out"
+    rc, _, err = run_convert_cli(capsys, str(_two_splits(tmp_path, 1)), "--out", str(out))
+    assert rc == 0, err
+    before = _snapshot(out)
+    real_replace = os.replace
+
+    def replace(src, dst):   # the new test split cannot be renamed in (putting the old one back still works)
+        if os.fspath(dst) == os.fspath(out / "test.beton") and ".tmp-" in os.fspath(src):
+            raise PermissionError(13, "Permission denied", os.fspath(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    rc, _, err = run_convert_cli(capsys, str(_two_splits(tmp_path, 2)), "--out", str(out), "--force")
+    assert rc == 1 and len(err.strip().splitlines()) == 1 and "Permission denied" in err, err
+    assert _snapshot(out) == before
+    monkeypatch.setattr(os, "replace", real_replace)
+    rc, _, err = run_convert_cli(capsys, str(_two_splits(tmp_path, 2)), "--out", str(out), "--force")
+    assert rc == 0, err
+    after = _snapshot(out)
+    assert sorted(after) == sorted(before) and all(after[k] != before[k] for k in ("train.beton", "test.beton"))

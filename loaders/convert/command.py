@@ -1,7 +1,8 @@
 """`smallvit convert SOURCE --out DIR`: every split of a dataset to DIR/<split>.beton + DIR/<split>.beton.json.
 
-All or nothing: every split is written to a temporary file first and renamed only when all of them succeeded;
-an error (one line naming the file and sample) exits with code 2 and leaves DIR as it was.
+All or nothing: every split is written to a temporary file first; when all of them succeeded they are renamed
+into place together (with --force the old files go back if any rename fails), so DIR holds all the old splits or
+all the new ones. An error (one line naming the file and sample) exits with code 2 and leaves DIR as it was.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def summary_lines(name: str, origin: str, metas: list[dict], seconds: float) -> 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert; print a summary. -> 0, or 2 with a one-line error on stderr (nothing written), 130 on Ctrl-C."""
     from loaders.convert.detect import open_dataset
-    from loaders.convert.writer import WriteOptions, stage_beton
+    from loaders.convert.writer import WriteOptions, check_target, commit_all, stage_beton
 
     staged = []
     try:
@@ -143,9 +144,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
             opened.sources = {split: PerClassSubset(src, args.per_class) for split, src in opened.sources.items()}
         targets = {split: out / f"{split}.beton" for split in opened.sources}
-        existing = [str(p) for p in targets.values() if p.exists()]
-        if existing and not args.force:
-            raise FileExistsError(f"{existing[0]} exists (pass --force to overwrite)")
+        for target in targets.values():
+            check_target(target, args.force)
         mode = choose_mode(args.mode, opened.sources, args.resize, args.max_resolution)
         options = WriteOptions(mode=mode, jpeg_quality=args.jpeg_quality, max_resolution=args.max_resolution,
                                num_workers=args.workers, force=args.force, progress=not args.no_progress,
@@ -153,7 +153,7 @@ def run_convert(args: argparse.Namespace) -> int:
         for split, source in opened.sources.items():
             source.name = name
             staged.append(stage_beton(source, targets[split], options, desc=f"{name}/{split}"))
-        metas = [s.commit() for s in staged]
+        metas = commit_all(staged)
         staged = []
         for line in summary_lines(name, opened.origin, metas, time.perf_counter() - t0):
             print(line)

@@ -19,10 +19,11 @@ decoded once and the result does not depend on the number of workers or the chun
 
 Nothing is ever half-written at the final path: the .beton goes to a hidden temporary file in the same folder and
 is renamed only after FFCV finished and the sidecar was computed; any exception (Ctrl-C included) removes it.
-`stage_beton` + `StagedBeton.commit()` let a caller write several splits and rename them only when all succeeded.
+`stage_beton` + `commit_all(staged)` let a caller write several splits and rename them all or none.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import queue
@@ -35,7 +36,8 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, head_digest, sidecar_path, write_json_atomic
+from loaders.atomic import fsync_dir, temp_path
+from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, head_digest, sidecar_path
 
 # FFCV keeps one page per worker in memory and a sample must fit in a page: 8 MiB holds a raw 1670x1670 image.
 PAGE_SIZE = 1 << 23
@@ -343,24 +345,76 @@ class StagedBeton:
     meta: dict
     skipped: list = field(default_factory=list)
 
+    @property
+    def sidecar_tmp(self) -> Path:
+        return temp_path(sidecar_path(self.path))
+
     def commit(self) -> dict:
-        try:
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            # Sidecar first, then the data file: a .beton at its final path always has its sidecar beside it.
-            write_json_atomic(sidecar_path(self.path), self.meta)
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.discard()
-            raise
-        return self.meta
+        return commit_all([self])[0]
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
+        self.sidecar_tmp.unlink(missing_ok=True)
 
 
-def temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def commit_all(staged: list[StagedBeton]) -> list[dict]:
+    """Rename every staged .beton and its sidecar to their final paths, or none of them; -> their sidecars.
+
+    Files already at the final paths (an overwrite) are first renamed aside; if any rename fails, what was placed
+    is removed and the old files go back, so the folder holds all the old splits or all the new ones. A .beton at
+    its final path always has its sidecar beside it.
+    """
+    aside: list[tuple[Path, Path]] = []     # (backup, final path)
+    placed: list[Path] = []
+    try:
+        for s in staged:
+            with open(s.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            with open(s.sidecar_tmp, "w") as fh:
+                fh.write(json.dumps(s.meta, indent=2) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        for s in staged:
+            for final in (s.path, sidecar_path(s.path)):
+                if final.is_file():
+                    backup = backup_path(final)
+                    os.replace(final, backup)
+                    aside.append((backup, final))
+        for s in staged:
+            for tmp, final in ((s.sidecar_tmp, sidecar_path(s.path)), (s.tmp, s.path)):
+                os.replace(tmp, final)
+                placed.append(final)
+    except BaseException:
+        for final in reversed(placed):
+            final.unlink(missing_ok=True)
+        for backup, final in reversed(aside):
+            try:
+                os.replace(backup, final)
+            except OSError:   # left as the hidden backup: the next conversion of this folder puts it back
+                pass
+        for s in staged:
+            s.discard()
+        raise
+    for backup, _ in aside:
+        backup.unlink(missing_ok=True)
+    for folder in {s.path.parent for s in staged}:
+        fsync_dir(folder)
+    return [s.meta for s in staged]
+
+
+def backup_path(path: Path) -> Path:
+    """Where an overwritten file waits while `commit_all` renames the new ones in."""
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse before any work: `path` or its sidecar path is a folder (or another non-file), or `path` exists
+    and force is False. Raises FileExistsError."""
+    for target in (path, sidecar_path(path)):
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise FileExistsError(f"{target} exists and is not a file (remove it or choose another --out)")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (pass --force to overwrite)")
 
 
 def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOptions | None = None,
@@ -376,8 +430,7 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
     if not 1 <= int(options.jpeg_quality) <= 100:
         raise ValueError(f"jpeg quality must be in 1..100, got {options.jpeg_quality}")
     path = Path(path)
-    if path.exists() and not options.force:
-        raise FileExistsError(f"{path} exists (pass --force to overwrite)")
+    check_target(path, options.force)
     origin = getattr(source, "origin", "") or source.name
     if len(source) == 0:
         raise DatasetFileError(f"{origin}: no images found for split '{source.split}'")
@@ -390,7 +443,7 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
     _remove_stale_temporaries(path)
 
     t0 = time.perf_counter()
-    tmp = temporary_path(path)
+    tmp = temp_path(path)
     workers = options.num_workers if options.num_workers > 0 else (os.cpu_count() or 1)
     desc = desc or f"{source.name}/{source.split}"
     try:
@@ -451,14 +504,17 @@ def write_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Remove temporaries an earlier, killed conversion left beside `path`."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            stale.unlink(missing_ok=True)
+    """Clean up after an earlier, killed conversion of `path`: its temporaries are removed; a file it had renamed
+    aside goes back where its final path is empty, and is removed where a new file took that place."""
+    for final in (path, sidecar_path(path)):
+        for stale in path.parent.glob(f".{final.name}.*-*"):
+            kind, _, pid = stale.name[len(final.name) + 2:].rpartition("-")
+            if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.replace(stale, final)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:
