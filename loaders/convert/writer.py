@@ -17,6 +17,10 @@ Statistics (per-channel mean/std, class histogram, image sizes) are accumulated 
 the very pixels they store (after any --max-resolution resize), as exact integer sums, so a file-backed source is
 decoded once and the result does not depend on the number of workers or the chunking.
 
+The bytes depend only on the source and the options: the finished file is rewritten with the page layout one
+worker gives and no stray padding bytes (loaders/convert/layout.py), so any worker count gives the same file, whose
+SHA-256 the sidecar records ("sha256"; "head_sha256" covers the header and tables, checked on every open).
+
 Nothing is ever half-written at the final path: the .beton goes to a hidden temporary file in the same folder and
 is renamed only after FFCV finished and the sidecar was computed; any exception (Ctrl-C included) removes it.
 `stage_beton` + `commit_all(staged)` let a caller write several splits and rename them all or none.
@@ -37,6 +41,8 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from loaders.atomic import fsync_dir, temp_path
+from loaders.convert.layout import single_writer_layout
+from loaders.convert.trees import file_sha256
 from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, head_digest, sidecar_path
 
 # FFCV keeps one page per worker in memory and a sample must fit in a page: 8 MiB holds a raw 1670x1670 image.
@@ -457,6 +463,13 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
             tmp.unlink()
             # The first pass wrote placeholders for the skipped samples; write again without them.
             stats, again = _run_ffcv(source, tmp, keep, replace_skip(options), workers, desc + " (again)")
+        # FFCV's page layout follows its workers' timing: lay the pages out as one worker would
+        laid_out = path.with_name(f".{path.name}.layout-{os.getpid()}")
+        try:
+            single_writer_layout(tmp, laid_out)
+            os.replace(laid_out, tmp)
+        finally:
+            laid_out.unlink(missing_ok=True)
         uniform = stats.min_hw == stats.max_hw
         meta = {
             "format": SIDECAR_FORMAT,
@@ -479,6 +492,7 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "bytes": tmp.stat().st_size,
             "head_sha256": head_digest(tmp),   # FFCV's header and tables: checked on every open (read_sidecar)
+            "sha256": file_sha256(tmp),        # the whole file: the same for any worker count (checked by --verify)
             "seconds": round(time.perf_counter() - t0, 3),
         }
         meta["mean"], meta["std"] = stats.mean_std()
@@ -509,7 +523,7 @@ def _remove_stale_temporaries(path: Path) -> None:
     for final in (path, sidecar_path(path)):
         for stale in path.parent.glob(f".{final.name}.*-*"):
             kind, _, pid = stale.name[len(final.name) + 2:].rpartition("-")
-            if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            if kind not in ("tmp", "old", "layout") or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
                 continue
             if kind == "old" and not final.exists():
                 os.replace(stale, final)
