@@ -122,3 +122,23 @@ def test_beton_bytes_do_not_depend_on_the_worker_count(tmp_path, monkeypatch, mo
         if mode == "raw":
             np.testing.assert_array_equal(np.stack(got), images)
     assert digests[0] == digests[1] == digests[2]
+
+
+def test_jpeg_quality_under_mode_auto_is_not_ignored(tmp_path, capsys):
+    """--jpeg-quality used to be dropped silently for images of up to 64 px under the default --mode auto: it now
+    asks for JPEG storage (saying so); with --mode raw it is refused before any work."""
+    from loaders.sidecar import read_sidecar
+    from test_convert_errors import assert_refused
+
+    rc, _, err = run_convert_cli(capsys, "digits", "--splits", "test", "--out", str(tmp_path / "q"),
+                                 "--jpeg-quality", "70")
+    assert rc == 0, err
+    assert "note: --jpeg-quality 70 given, so these images are stored as JPEG" in err
+    image = read_sidecar(tmp_path / "q" / "test.beton")["image"]
+    assert (image["mode"], image["jpeg_quality"]) == ("jpg", 70)
+    rc, _, err = run_convert_cli(capsys, "digits", "--splits", "test", "--out", str(tmp_path / "plain"))
+    assert rc == 0 and "note:" not in err
+    assert read_sidecar(tmp_path / "plain" / "test.beton")["image"]["mode"] == "raw"
+    rc, _, err = run_convert_cli(capsys, "digits", "--out", str(tmp_path / "raw"), "--mode", "raw",
+                                 "--jpeg-quality", "70")
+    assert_refused(rc, err, tmp_path / "raw", "--jpeg-quality 70 with --mode raw")

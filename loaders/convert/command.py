@@ -17,6 +17,7 @@ from loaders.sidecar import DatasetFileError
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 AUTO_RAW_MAX_SIDE = 64  # mode 'auto': raw pixels up to 64 px (CIFAR/SVHN/CINIC/Tiny-ImageNet), JPEG above
+DEFAULT_JPEG_QUALITY = 90
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -37,7 +38,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="CIFAR-100 label set (coarse: the 20 superclasses)")
     parser.add_argument("--mode", choices=("auto", "raw", "jpg"), default="auto",
                         help=f"image storage: raw pixels, JPEG, or auto (raw up to {AUTO_RAW_MAX_SIDE} px, else jpg)")
-    parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality 1..100 (jpg mode)")
+    parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                        help=f"JPEG quality 1..100 of JPEG storage; None: {DEFAULT_JPEG_QUALITY}. Under --mode auto "
+                             f"it asks for JPEG storage, also for images auto would store raw")
     parser.add_argument("--max-resolution", type=int, default=None, metavar="N",
                         help="shrink images whose longest side exceeds N pixels (aspect kept); None: never")
     parser.add_argument("--resize", type=int, default=None, metavar="SIDE",
@@ -124,6 +127,9 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
             raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+        if args.jpeg_quality is not None and args.mode == "raw":
+            raise ValueError(f"--jpeg-quality {args.jpeg_quality} with --mode raw: raw storage keeps the pixels "
+                             f"(use --mode jpg or auto for JPEG)")
         for flag in ("max_resolution", "resize"):
             value = getattr(args, flag)
             if value is not None and value < 1:
@@ -147,7 +153,12 @@ def run_convert(args: argparse.Namespace) -> int:
         for target in targets.values():
             check_target(target, args.force)
         mode = choose_mode(args.mode, opened.sources, args.resize, args.max_resolution)
-        options = WriteOptions(mode=mode, jpeg_quality=args.jpeg_quality, max_resolution=args.max_resolution,
+        if mode == "raw" and args.jpeg_quality is not None:   # only 'auto' gets here: the quality asks for JPEG
+            mode = "jpg"
+            print(f"note: --jpeg-quality {args.jpeg_quality} given, so these images are stored as JPEG (without it "
+                  f"--mode auto stores images of up to {AUTO_RAW_MAX_SIDE} px as raw pixels)", file=sys.stderr)
+        quality = DEFAULT_JPEG_QUALITY if args.jpeg_quality is None else args.jpeg_quality
+        options = WriteOptions(mode=mode, jpeg_quality=quality, max_resolution=args.max_resolution,
                                num_workers=args.workers, force=args.force, progress=not args.no_progress,
                                skip_corrupt=args.skip_corrupt)
         for split, source in opened.sources.items():
