@@ -33,3 +33,66 @@ def test_symlink_loop_counts_each_file_once_and_warns(tmp_path, capsys):
     assert labels.tolist() == [0] * 5 + [1] * 8
     files, folder_labels, _ = image_folder_files(tmp_path / "set" / "train")
     assert len(files) == 13 and folder_labels.tolist() == labels.tolist()
+
+
+def _image_file(path, image, fmt, **kw):
+    import io
+
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt, **kw)
+    path.write_bytes(buf.getvalue())
+
+
+def test_image_larger_than_a_page_names_the_max_resolution_that_fits(tmp_path, capsys):
+    """A sample stored larger than FFCV's 8 MiB page failed with FFCV's bare "page size" error: now one line names
+    the file, the stored size and a --max-resolution that fits, and converting with it succeeds. Raw: a 1700x1700
+    image (8.7 MB of pixels, exact: 1672); JPEG: 2200x2200 noise at quality 100 (about 10 MB)."""
+    rng = np.random.default_rng(0)
+    cases = (("raw", np.full((1700, 1700, 3), 90, np.uint8), "big.png", (), {}),
+             ("jpg", rng.integers(0, 256, (2200, 2200, 3), dtype=np.uint8), "big.jpg", ("--jpeg-quality", "100"),
+              {"quality": 100}))
+    for mode, big, name, options, kw in cases:
+        src = tmp_path / mode
+        make_imagefolder(src, {"train": 2}, ["a", "b"])
+        bad = src / "train" / "b" / name
+        _image_file(bad, big, "PNG" if name.endswith(".png") else "JPEG", **kw)
+        argv = (str(src), "--out", str(tmp_path / f"out-{mode}"), "--mode", mode, *options)
+        rc, _, err = run_convert_cli(capsys, *argv)
+        assert_refused(rc, err, tmp_path / f"out-{mode}", str(bad), "more than the 8 MiB a .beton page holds",
+                       "--max-resolution ")
+        fit = err.split("--max-resolution ")[1].split()[0]
+        if mode == "raw":
+            assert fit == "1672"
+        rc, _, err = run_convert_cli(capsys, *argv, "--max-resolution", fit)
+        assert rc == 0, err
+        sizes = {tuple(img.shape[:2]) for img in beton_images(tmp_path / f"out-{mode}" / "train.beton")[0]}
+        assert (int(fit), int(fit)) in sizes
+
+
+def test_zero_byte_image_hints_skip_corrupt(tmp_path, capsys):
+    """A zero-byte JPEG showed OpenCV's assertion text: now one line says the file is empty and names
+    --skip-corrupt, which then converts the rest."""
+    make_imagefolder(tmp_path / "set", {"train": 2}, ["a", "b"])
+    empty = tmp_path / "set" / "train" / "a" / "empty.jpg"
+    empty.write_bytes(b"")
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "out"))
+    assert_refused(rc, err, tmp_path / "out", str(empty), "empty file: 0 bytes", "--skip-corrupt")
+    assert "Assertion" not in err and "cv::" not in err
+    rc, out, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "out"), "--skip-corrupt")
+    assert rc == 0 and "skipped 1 corrupt image(s) in train" in out and str(empty) in out, err
+
+
+def test_one_class_source_converts_with_a_warning(tmp_path, capsys):
+    from loaders.sidecar import read_sidecar
+
+    make_imagefolder(tmp_path / "set", {"train": 3, "test": 1}, ["cats"])
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "out"))
+    assert rc == 0, err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        f"warning: {tmp_path / 'set'}: one class only ('cats'): a classifier has nothing to tell apart (an "
+        f"ImageFolder holds one folder per class: <split>/<class>/<image>)"]
+    assert listing(tmp_path / "out") == ["test.beton", "test.beton.json", "train.beton", "train.beton.json"]
+    assert read_sidecar(tmp_path / "out" / "train.beton")["num_classes"] == 1

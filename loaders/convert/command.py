@@ -142,6 +142,10 @@ def run_convert(args: argparse.Namespace) -> int:
         opened = open_dataset(args.source, splits, labels=args.labels, resize=args.resize, download=args.download,
                               download_dir=Path(args.download_dir) if args.download_dir else out / "downloads",
                               mirror=args.mirror, progress=not args.no_progress)
+        classes = next(iter(opened.sources.values())).classes
+        if len(classes) == 1:
+            opened.warnings.append(f"{opened.origin}: one class only ('{classes[0]}'): a classifier has nothing to "
+                                   f"tell apart (an ImageFolder holds one folder per class: <split>/<class>/<image>)")
         for warning in opened.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         name = args.dataset or opened.name

@@ -198,8 +198,59 @@ def _ffcv_fields(options: WriteOptions) -> dict:
     return {"image": RGBImageField(**image_kwargs), "label": IntField()}
 
 
+class SampleTooLarge(ValueError):
+    """A sample whose stored bytes exceed one .beton page (FFCV cannot split a sample across pages)."""
+
+    def __init__(self, size: int, page_size: int):
+        super().__init__(f"stored as {size} bytes, more than a .beton page ({page_size} bytes)")
+        self.size, self.page_size = size, page_size
+
+
+def _page_allocator(base):
+    """FFCV's MemoryAllocator, raising SampleTooLarge (with the sizes) instead of a bare ValueError."""
+
+    class PageAllocator(base):
+        def malloc(self, size):
+            if size > self.page_size:
+                raise SampleTooLarge(int(size), int(self.page_size))
+            return super().malloc(size)
+
+    return PageAllocator
+
+
+def fitting_resolution(height: int, width: int, nbytes: int, page_size: int, mode: str) -> int:
+    """A --max-resolution (longest side, pixels) under which an image of height x width stored as `nbytes` fits
+    in a page: exact for raw pixels (FFCV's own resize arithmetic), an estimate with room to spare for JPEG."""
+    longest = max(height, width)
+    if mode != "raw":
+        side = int(longest * np.sqrt(page_size / nbytes) * 0.7)
+        return max(64, side // 64 * 64)
+    side = int(longest * np.sqrt(page_size / (3 * height * width))) + 1
+    while side > 1:
+        w, h = (side / longest * np.array([width, height])).astype(int)
+        if 3 * int(h) * int(w) <= page_size:
+            return side
+        side -= 1
+    return 1
+
+
+def failure_reason(exc: Exception, image: Optional[np.ndarray], mode: str, skipping: bool) -> str:
+    """What the user reads for a sample that failed, with the option that gets past it where there is one."""
+    from loaders.convert.images import ImageDecodeError
+
+    if isinstance(exc, SampleTooLarge) and image is not None:
+        h, w = image.shape[:2]
+        fit = fitting_resolution(h, w, exc.size, exc.page_size, mode)
+        return (f"{'JPEG' if mode == 'jpg' else 'raw'} {h}x{w} image of {exc.size / 2**20:.1f} MiB, more than the "
+                f"{exc.page_size / 2**20:.0f} MiB a .beton page holds: convert with --max-resolution {fit}"
+                + (" (or a lower --jpeg-quality)" if mode == "jpg" else ""))
+    if isinstance(exc, ImageDecodeError) and not skipping:
+        return f"{exc}; --skip-corrupt leaves such images out (listed in the summary and the sidecar)"
+    return str(exc) if isinstance(exc, DatasetFileError) else f"{type(exc).__name__}: {exc}"
+
+
 def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue,
-                source, report_queue, max_resolution, skip_corrupt, num_classes):
+                source, report_queue, max_resolution, skip_corrupt, num_classes, mode):
     """FFCV's worker_job_indexed_dataset plus: per-sample errors reported (or skipped) with the file named,
     statistics of the stored pixels, and SIGINT left to the parent (which terminates us)."""
     from ffcv.writer import handle_sample
@@ -215,6 +266,7 @@ def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done
             if chunk is None:
                 break
             for dest_ix, source_ix in chunk:
+                image = None
                 try:
                     image, label = source[source_ix]
                     image = prepare_image(image, max_resolution)
@@ -225,7 +277,7 @@ def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done
                     stats.add(image, label)
                 except Exception as exc:  # noqa: BLE001 - every failure is reported with the file named
                     where = locate(source, int(source_ix))
-                    reason = str(exc) if isinstance(exc, DatasetFileError) else f"{type(exc).__name__}: {exc}"
+                    reason = failure_reason(exc, image, mode, skip_corrupt)
                     if not skip_corrupt:
                         report_queue.put(("error", int(source_ix), where, reason))
                         report_queue.close()
@@ -267,9 +319,9 @@ def _run_ffcv(source: Any, tmp: Path, indices: np.ndarray, options: WriteOptions
             work.put(None)
         allocations_queue, report_queue = ctx.Queue(), ctx.Queue()
         done = ctx.Value(ctypes.c_uint64, 0)
-        allocator = MemoryAllocator(str(tmp), writer.data_region_start, writer.page_size)
+        allocator = _page_allocator(MemoryAllocator)(str(tmp), writer.data_region_start, writer.page_size)
         args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations_queue,
-                source, report_queue, options.max_resolution, options.skip_corrupt, len(source.classes))
+                source, report_queue, options.max_resolution, options.skip_corrupt, len(source.classes), options.mode)
         processes = [ctx.Process(target=_worker_job, args=args, daemon=True) for _ in range(workers)]
         for p in processes:
             p.start()
