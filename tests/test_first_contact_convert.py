@@ -96,3 +96,42 @@ def test_one_class_source_converts_with_a_warning(tmp_path, capsys):
         f"ImageFolder holds one folder per class: <split>/<class>/<image>)"]
     assert listing(tmp_path / "out") == ["test.beton", "test.beton.json", "train.beton", "train.beton.json"]
     assert read_sidecar(tmp_path / "out" / "train.beton")["num_classes"] == 1
+
+
+def test_flat_folder_says_it_has_no_test_split_and_test_split_holds_one_out(tmp_path, capsys):
+    """A flat <class>/<image> folder wrote train only, silently: now a note says so; --test-split 0.25 writes a
+    stratified, seeded test split (the same seed the same files, another seed others), disjoint from train."""
+    from loaders.sidecar import read_sidecar
+
+    expected = make_imagefolder(tmp_path / "flat", {"train": 8}, ["a", "b", "c"])
+    (tmp_path / "set").mkdir()
+    for cls in ("a", "b", "c"):
+        (tmp_path / "flat" / "train" / cls).rename(tmp_path / "set" / cls)
+    (tmp_path / "set" / "a" / "0007.png").unlink()                  # classes of 7, 8, 8 images
+    rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "plain"))
+    assert rc == 0 and f"note: {tmp_path / 'set'} has no test split: only train was written" in err, err
+
+    def split(seed, out):
+        rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / out), "--test-split",
+                                     "0.25", "--split-seed", str(seed), "--mode", "raw")
+        assert rc == 0 and "note:" not in err, err
+        metas = {s: read_sidecar(tmp_path / out / f"{s}.beton") for s in ("train", "test")}
+        images = {s: [img.tobytes() for img in beton_images(tmp_path / out / f"{s}.beton")[0]] for s in metas}
+        return metas, images
+
+    metas, images = split(0, "s0")
+    assert metas["test"]["class_counts"] == [2, 2, 2] and metas["train"]["class_counts"] == [5, 6, 6]
+    assert "test-split 0.25 --split-seed 0" in metas["test"]["source"]["held_out"]
+    everything = sorted(img.tobytes() for i, img in enumerate(expected["train"][0]) if i != 7)
+    assert sorted(images["train"] + images["test"]) == everything and not set(images["train"]) & set(images["test"])
+    assert split(0, "s0-again")[1] == images
+    assert split(1, "s1")[1]["test"] != images["test"]
+
+
+def test_test_split_refusals(tmp_path, capsys):
+    make_imagefolder(tmp_path / "set", {"train": 3, "test": 1}, ["a", "b"])
+    for argv, text in ((["--test-split", "1.5"], "--test-split must be a fraction between 0 and 1, got 1.5"),
+                       (["--test-split", "0.2", "--splits", "train"], "leave out --splits"),
+                       (["--test-split", "0.2"], "has the splits train, test already")):
+        rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "out"), *argv)
+        assert_refused(rc, err, tmp_path / "out", text)

@@ -18,6 +18,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 AUTO_RAW_MAX_SIDE = 64  # mode 'auto': raw pixels up to 64 px (CIFAR/SVHN/CINIC/Tiny-ImageNet), JPEG above
 DEFAULT_JPEG_QUALITY = 90
+TEST_SPLITS = ("test", "val", "valid")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,6 +50,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="keep the first N images of each class of every split (source order; a small balanced "
                              "slice for quick experiments, recorded in the sidecar); None: all")
+    parser.add_argument("--test-split", type=float, default=None, metavar="FRACTION",
+                        help="for a source with one split (a flat ImageFolder: <class>/<image>): hold out this "
+                             "fraction of every class as the test split (stratified, seeded by --split-seed); "
+                             "None: write the one split as train")
+    parser.add_argument("--split-seed", type=int, default=0, metavar="N",
+                        help="seed of the --test-split draw (the same seed gives the same split)")
     parser.add_argument("--workers", type=int, default=-1, metavar="N", help="writer processes (-1: all cores)")
     parser.add_argument("--force", action="store_true", help="overwrite existing .beton files")
     parser.add_argument("--download", action="store_true",
@@ -88,6 +95,17 @@ def choose_mode(requested: str, sources: dict, resize: Optional[int], max_resolu
             side = min(side, max_resolution)
         return "raw" if side <= AUTO_RAW_MAX_SIDE else "jpg"
     return "raw"
+
+
+def split_off_test(opened, fraction: float, seed: int) -> dict:
+    """{'train', 'test'} from the one split of `opened` (refused when it has more, or a test split already)."""
+    from loaders.convert.subset import hold_out_test
+
+    if len(opened.sources) != 1 or set(opened.sources) & set(TEST_SPLITS):
+        raise DatasetFileError(f"{opened.origin}: has the splits {', '.join(opened.sources)} already; --test-split "
+                               f"is for a source with one split (a flat <class>/<image> folder)")
+    (source,) = opened.sources.values()
+    return hold_out_test(source, fraction, seed)
 
 
 def _human_bytes(n: float) -> str:
@@ -136,6 +154,10 @@ def run_convert(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of pixels, got {value}")
         if args.per_class is not None and args.per_class < 1:   # before the (possibly long) read of the source
             raise ValueError(f"--per-class must be a positive number of images, got {args.per_class}")
+        if args.test_split is not None and not 0 < args.test_split < 1:
+            raise ValueError(f"--test-split must be a fraction between 0 and 1, got {args.test_split}")
+        if args.test_split is not None and args.splits:
+            raise ValueError("--test-split makes train and test out of a source's one split: leave out --splits")
         out = Path(args.out)
         splits = parse_splits(args.splits)
         t0 = time.perf_counter()
@@ -149,6 +171,12 @@ def run_convert(args: argparse.Namespace) -> int:
         for warning in opened.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         name = args.dataset or opened.name
+        notes = []
+        if args.test_split is not None:
+            opened.sources = split_off_test(opened, args.test_split, args.split_seed)
+        elif not args.splits and not set(opened.sources) & set(TEST_SPLITS):
+            notes.append(f"{opened.origin} has no test split: only {', '.join(opened.sources)} was written "
+                         f"(--test-split 0.1 holds out a stratified 10% of every class as test)")
         if args.per_class is not None:
             from loaders.convert.subset import PerClassSubset
 
@@ -172,6 +200,8 @@ def run_convert(args: argparse.Namespace) -> int:
         staged = []
         for line in summary_lines(name, opened.origin, metas, time.perf_counter() - t0):
             print(line)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         return 0
     except (DatasetFileError, FileExistsError, ValueError) as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)
