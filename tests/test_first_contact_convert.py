@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from test_convert_errors import assert_refused
 from test_convert_support import beton_images, listing, make_imagefolder, run_convert_cli
@@ -135,3 +136,47 @@ def test_test_split_refusals(tmp_path, capsys):
                        (["--test-split", "0.2"], "has the splits train, test already")):
         rc, _, err = run_convert_cli(capsys, str(tmp_path / "set"), "--out", str(tmp_path / "out"), *argv)
         assert_refused(rc, err, tmp_path / "out", text)
+
+
+def _betons(folder, name, size):
+    from loaders.convert.arrays import ArraySource
+    from loaders.convert.writer import WriteOptions, write_beton
+
+    rng = np.random.default_rng(0)
+    paths = {}
+    for split in ("train", "test"):
+        paths[split] = folder / f"{split}.beton"
+        write_beton(ArraySource(rng.integers(0, 256, (6, *size, 3), dtype=np.uint8), np.arange(6) % 2, ["x", "y"],
+                                name, split), paths[split], WriteOptions(num_workers=1, progress=False))
+    return paths
+
+
+def test_dataset_name_comes_from_the_sidecar_unless_the_user_sets_it(tmp_path):
+    """A recipe pins its dataset's name beside its own paths; pointing it at a new dataset's files used to fail the
+    name check first. Now the name follows the files unless the user sets data.dataset (then it is checked)."""
+
+    from engine.config import load_config
+    from loaders.factory import preflight
+    from loaders.sidecar import DatasetFileError
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10_vit_scratch.yaml")
+    betons = _betons(tmp_path, "photos", (32, 32))
+    paths = [f"data.train={betons['train']}", f"data.test={betons['test']}"]
+    assert load_config(recipe).data.dataset == "cifar10"                    # the recipe's own paths: checked
+    for config, overrides in ((recipe, paths), (None, paths)):
+        cfg = load_config(config, overrides)
+        assert cfg.data.dataset == ""
+        assert preflight(cfg.data)["dataset"] == "photos"
+    with pytest.raises(DatasetFileError, match="holds dataset 'photos' but data.dataset is 'cifar10'"):
+        preflight(load_config(recipe, [*paths, "data.dataset=cifar10"]).data)
+
+
+def test_non_square_images_suggest_resize(tmp_path):
+
+    from engine.config import load_config
+    from loaders.factory import preflight
+    from loaders.sidecar import DatasetFileError
+
+    betons = _betons(tmp_path, "photos", (24, 32))
+    with pytest.raises(DatasetFileError, match=r"images are 24x32, not square: convert with --resize 32 "):
+        preflight(load_config(None, [f"data.train={betons['train']}", f"data.test={betons['test']}"]).data)
