@@ -159,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every sample) or what a checkpoint/run folder holds (step, config, weights).")
     p.add_argument("path", help=".beton file, checkpoint folder or run folder")
     p.add_argument("--verify", action="store_true", help="decode every sample and check it against the sidecar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --verify")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", formatter_class=_Formatter, help="throughput benchmarks (see `smallvit bench -h`)",
