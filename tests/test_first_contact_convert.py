@@ -180,3 +180,84 @@ def test_non_square_images_suggest_resize(tmp_path):
     betons = _betons(tmp_path, "photos", (24, 32))
     with pytest.raises(DatasetFileError, match=r"images are 24x32, not square: convert with --resize 32 "):
         preflight(load_config(None, [f"data.train={betons['train']}", f"data.test={betons['test']}"]).data)
+
+
+def _ffcv_own_beton(path, images, labels, fields=("image", "label")):
+    """A .beton written by FFCV's own DatasetWriter, as its documentation shows (no sidecar)."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    class Pairs:
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return images[i], int(labels[i])
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    DatasetWriter(str(path), {fields[0]: RGBImageField(), fields[1]: IntField()}, num_workers=1) \
+        .from_indexed_dataset(Pairs())
+
+
+def test_sidecar_command_makes_an_ffcv_written_beton_usable(tmp_path, capsys):
+    """A .beton from FFCV's own writer was refused ("sidecar missing") with no command to make one:
+    `smallvit sidecar` writes it from the file; the names of a sidecar beside it are reused; then preflight and
+    inspect --verify accept the pair, and the statistics are the pixels' exact ones."""
+    from engine.cli import main as smallvit
+    from engine.config import load_config
+    from loaders.factory import preflight
+    from loaders.sidecar import DatasetFileError, read_sidecar
+
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for s, n in (("train", 9), ("test", 5))}
+    labels = {"train": np.arange(9) % 3, "test": np.array([0, 1, 0, 1, 0])}     # test lacks class 2
+    folder = tmp_path / "photos"
+    for split in images:
+        _ffcv_own_beton(folder / f"{split}.beton", images[split], labels[split])
+    capsys.readouterr()
+    with pytest.raises(DatasetFileError, match=r"sidecar missing .* `smallvit sidecar "):
+        read_sidecar(folder / "train.beton")
+    assert smallvit(["sidecar", str(folder / "train.beton"), "--classes", "cat,dog,emu", "--no-progress"]) == 0
+    assert smallvit(["sidecar", str(folder / "test.beton"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"names from {folder / 'train.beton.json'}" in out
+    metas = {s: read_sidecar(folder / f"{s}.beton") for s in images}
+    for split, meta in metas.items():
+        assert (meta["dataset"], meta["split"], meta["classes"]) == ("photos", split, ["cat", "dog", "emu"])
+        assert meta["class_counts"] == np.bincount(labels[split], minlength=3).tolist()
+        flat = images[split].reshape(-1, 3).astype(np.float64)
+        np.testing.assert_allclose(meta["mean"], flat.mean(0) / 255, atol=1e-12)
+        np.testing.assert_allclose(meta["std"], flat.std(0) / 255, atol=1e-12)
+        assert meta["image"]["mode"] == "raw" and (meta["image"]["height"], meta["image"]["width"]) == (32, 32)
+    data = load_config(None, [f"data.train={folder / 'train.beton'}", f"data.test={folder / 'test.beton'}"]).data
+    assert preflight(data)["num_images"] == 9
+    assert smallvit(["inspect", str(folder / "test.beton"), "--verify", "--no-progress"]) == 0
+    assert "verify ok: all 5 images" in capsys.readouterr().out
+
+
+def test_sidecar_command_refusals(tmp_path, capsys):
+    from engine.cli import main as smallvit
+
+    rng = np.random.default_rng(1)
+    _ffcv_own_beton(tmp_path / "a" / "train.beton", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8),
+                    np.array([0, 1, 2, 1]))
+    _ffcv_own_beton(tmp_path / "b" / "train.beton", rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8),
+                    np.array([0, 1]), fields=("img", "y"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "train.beton").write_bytes(b"not a beton" * 10)
+    capsys.readouterr()
+    cases = (([str(tmp_path / "a" / "train.beton"), "--classes", "x,y"], "label 2 of sample 2 is outside 0..1"),
+             ([str(tmp_path / "b" / "train.beton")], "expected fields 'image' and 'label'"),
+             ([str(tmp_path / "c" / "train.beton")], "not a readable .beton"),
+             ([str(tmp_path / "a" / "nope.beton")], "no such file"))
+    for argv, text in cases:
+        rc = smallvit(["sidecar", *argv, "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and text in err, err
+        assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob(".*tmp*"))
+    assert smallvit(["sidecar", str(tmp_path / "a" / "train.beton"), "--no-progress"]) == 0
+    before = (tmp_path / "a" / "train.beton.json").read_bytes()
+    capsys.readouterr()
+    assert smallvit(["sidecar", str(tmp_path / "a" / "train.beton"), "--classes", "p,q,r", "--no-progress"]) == 2
+    assert "exists (pass --force to overwrite)" in capsys.readouterr().err
+    assert (tmp_path / "a" / "train.beton.json").read_bytes() == before

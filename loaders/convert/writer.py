@@ -122,6 +122,36 @@ class WriteStats:
         return mean, std
 
 
+def sidecar_meta(*, dataset: str, split: str, classes: list[str], stats: WriteStats, mode: str,
+                 jpeg_quality: Optional[int], max_resolution: Optional[int], beton: Path, seconds: float,
+                 source: dict, skipped: list[dict]) -> dict:
+    """The sidecar of the .beton at `beton` whose stored pixels `stats` counted (loaders/sidecar.py's format)."""
+    uniform = stats.min_hw == stats.max_hw
+    mean, std = stats.mean_std()
+    return {
+        "format": SIDECAR_FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "num_images": int(stats.counts.sum()),
+        "class_counts": stats.counts.tolist(),
+        "image": {"mode": mode,
+                  "height": int(stats.max_hw[0]) if uniform else None,
+                  "width": int(stats.max_hw[1]) if uniform else None,
+                  "min_size": [int(v) for v in stats.min_hw], "max_size": [int(v) for v in stats.max_hw],
+                  "jpeg_quality": jpeg_quality, "max_resolution": max_resolution},
+        "mean": mean, "std": std,
+        "source": source,
+        "skipped": skipped,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bytes": beton.stat().st_size,
+        "head_sha256": head_digest(beton),   # FFCV's header and tables: checked on every open (read_sidecar)
+        "sha256": file_sha256(beton),        # the whole file: the same for any worker count (checked by --verify)
+        "seconds": round(seconds, 3),
+    }
+
+
 def channel_stats(source: Any, progress: bool = False) -> tuple[list[float], list[float], list[int]]:
     """Per-channel mean and std (fractions of 255) and the class histogram of a source, in one plain pass.
 
@@ -522,32 +552,12 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
             os.replace(laid_out, tmp)
         finally:
             laid_out.unlink(missing_ok=True)
-        uniform = stats.min_hw == stats.max_hw
-        meta = {
-            "format": SIDECAR_FORMAT,
-            "dataset": source.name,
-            "split": source.split,
-            "classes": list(source.classes),
-            "num_classes": len(source.classes),
-            "num_images": int(stats.counts.sum()),
-            "class_counts": stats.counts.tolist(),
-            "image": {"mode": options.mode,
-                      "height": int(stats.max_hw[0]) if uniform else None,
-                      "width": int(stats.max_hw[1]) if uniform else None,
-                      "min_size": [int(v) for v in stats.min_hw], "max_size": [int(v) for v in stats.max_hw],
-                      "jpeg_quality": options.jpeg_quality if options.mode == "jpg" else None,
-                      "max_resolution": options.max_resolution},
-            "mean": None, "std": None,
-            "source": {"path": str(origin), "sha256": source.source_checksum(),
-                       **getattr(source, "source_info", {})},
-            "skipped": [s.as_dict() for s in skipped],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bytes": tmp.stat().st_size,
-            "head_sha256": head_digest(tmp),   # FFCV's header and tables: checked on every open (read_sidecar)
-            "sha256": file_sha256(tmp),        # the whole file: the same for any worker count (checked by --verify)
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        meta["mean"], meta["std"] = stats.mean_std()
+        meta = sidecar_meta(dataset=source.name, split=source.split, classes=source.classes, stats=stats,
+                            mode=options.mode, jpeg_quality=options.jpeg_quality if options.mode == "jpg" else None,
+                            max_resolution=options.max_resolution, beton=tmp, seconds=time.perf_counter() - t0,
+                            source={"path": str(origin), "sha256": source.source_checksum(),
+                                    **getattr(source, "source_info", {})},
+                            skipped=[s.as_dict() for s in skipped])
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
