@@ -133,14 +133,3 @@ def run_sidecar(args: argparse.Namespace) -> int:
           + " ".join(f"{v:.4f}" for v in meta["mean"]) + ", std " + " ".join(f"{v:.4f}" for v in meta["std"]))
     return 0
 
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m loaders.sidecar_command ...` (the same as `smallvit sidecar ...`)."""
-    parser = argparse.ArgumentParser(prog="smallvit sidecar", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     description=__doc__.splitlines()[0])
-    add_sidecar_arguments(parser)
-    return run_sidecar(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
