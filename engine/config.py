@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """Where the data comes from and how it is fed."""
-    dataset: str = "digits"            # name checked against the .beton sidecar ('digits', 'cifar10', ...)
+    dataset: str = ""                  # name the .beton sidecars must carry ('cifar10', ...); '' = theirs, unchecked.
+                                       # A recipe's name goes with its own paths: overriding data.train or data.test
+                                       # without data.dataset takes the name from the new files (config_from_dict)
     train: str = ""                    # path to the training .beton (its .json sidecar lies beside it)
     test: str = ""                     # path to the test .beton
     loader: Literal["auto", "ffcv", "resident", "dali", "torchvision"] = "auto"
@@ -303,9 +305,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     tree = dict(tree or {})
+    keys = set()
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+        keys.add(key)
+    if keys & {"data.train", "data.test"} and "data.dataset" not in keys and isinstance(tree.get("data"), dict):
+        tree["data"] = {**tree["data"], "dataset": ""}   # the recipe named the dataset of its paths, not of these
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg

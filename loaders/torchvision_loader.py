@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from loaders.batch import Batch
+from loaders.convert.imagefolder import image_folder_files  # the converter's listing: same order and count
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
 from loaders.transforms.pipeline import EvalTransform, TrainTransform
@@ -146,18 +147,6 @@ def _collate(items):
     index = torch.tensor([it[2] for it in items], dtype=torch.int64)
     repeat = torch.tensor([it[3] for it in items], dtype=torch.int64)
     return images, labels, index, repeat
-
-
-def image_folder_files(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
-    """torchvision ImageFolder's listing: (files, labels, classes), classes sorted, files sorted per class."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    root = Path(root)
-    classes = sorted(e.name for e in root.iterdir() if e.is_dir()) if root.is_dir() else []
-    if not classes:
-        raise DatasetFileError(f"{root}: not an ImageFolder tree (no class folders)")
-    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
-    return [s[0] for s in samples], np.array([s[1] for s in samples], dtype=np.int64), classes
 
 
 class TorchvisionLoader:
