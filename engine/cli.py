@@ -1,4 +1,4 @@
-"""The `smallvit` command: convert, train, pretrain, eval, inspect, bench, demo.
+"""The `smallvit` command: convert, train, pretrain, eval, inspect, sidecar, bench, demo.
 
 Each subcommand's --help explains every option with its default; `smallvit train --help` also lists every config
 key of the schema (engine/config.py) with its type and default, settable as key=value overrides.
@@ -86,6 +86,12 @@ def cmd_convert(args) -> int:
     return run_convert(args)
 
 
+def cmd_sidecar(args) -> int:
+    from loaders.sidecar_command import run_sidecar
+
+    return run_sidecar(args)
+
+
 def cmd_inspect(args) -> int:
     from engine.inspect_checkpoint import inspect_path
 
@@ -154,11 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         add_convert_arguments(p)
     p.set_defaults(func=cmd_convert)
 
+    from loaders.sidecar_command import __doc__ as sidecar_doc, add_sidecar_arguments
+
+    p = sub.add_parser("sidecar", formatter_class=_Formatter, help="write the JSON sidecar of a .beton made by "
+                       "FFCV's own writer", description=sidecar_doc)
+    add_sidecar_arguments(p)
+    p.set_defaults(func=cmd_sidecar)
+
     p = sub.add_parser("inspect", formatter_class=_Formatter, help="print what a .beton or checkpoint holds",
                        description="Print what a .beton holds (fields, count, class histogram; --verify decodes "
                                    "every sample) or what a checkpoint/run folder holds (step, config, weights).")
     p.add_argument("path", help=".beton file, checkpoint folder or run folder")
     p.add_argument("--verify", action="store_true", help="decode every sample and check it against the sidecar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar for --verify")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", formatter_class=_Formatter, help="throughput benchmarks (see `smallvit bench -h`)",

@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     """Where the data comes from and how it is fed."""
-    dataset: str = "digits"            # name checked against the .beton sidecar ('digits', 'cifar10', ...)
+    dataset: str = ""                  # name the .beton sidecars must carry ('cifar10', ...); '' = theirs, unchecked.
+                                       # A recipe's name goes with its own paths: overriding data.train or data.test
+                                       # without data.dataset takes the name from the new files (config_from_dict)
     train: str = ""                    # path to the training .beton (its .json sidecar lies beside it)
     test: str = ""                     # path to the test .beton
     loader: Literal["auto", "ffcv", "resident", "dali", "torchvision"] = "auto"
@@ -44,6 +46,10 @@ class DataConfig:
     crop_padding: int = 4              # pad-and-random-crop padding in pixels; 0 disables
     flip: bool = True
     auto_augment: Literal["none", "cifar10", "svhn", "imagenet", "rand"] = "none"
+    # whose ops the three policies run: 'reference' = the PIL port B, D and A import (utils/autoaug.py: bicubic
+    # shear, fill 128, rotation without sign, ...; loaders/transforms/autoaugment_reference.py), what their recipes
+    # set; 'torchvision' = torchvision.transforms.AutoAugment's (nearest, fill 0). RandAugment is torchvision's only
+    auto_augment_impl: Literal["torchvision", "reference"] = "torchvision"
     mixup_alpha: float = 0.0           # Mixup Beta(alpha, alpha); 0 disables
     cutmix_alpha: float = 0.0          # CutMix Beta(alpha, alpha); 0 disables
     mix_prob: float = 0.5              # probability that a batch is mixed at all (one of the two, chosen 50/50)
@@ -304,9 +310,13 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     tree = dict(tree or {})
+    keys = set()
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+        keys.add(key)
+    if keys & {"data.train", "data.test"} and "data.dataset" not in keys and isinstance(tree.get("data"), dict):
+        tree["data"] = {**tree["data"], "dataset": ""}   # the recipe named the dataset of its paths, not of these
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
@@ -343,6 +353,8 @@ def validate(cfg: Config) -> None:
         ("data.resident_max_fraction", 0 < cfg.data.resident_max_fraction <= 1, "must be in (0, 1]"),
         ("data.mix_prob", 0 <= cfg.data.mix_prob <= 1, "must be in [0, 1]"),
         ("data.erasing_prob", 0 <= cfg.data.erasing_prob <= 1, "must be in [0, 1]"),
+        ("data.auto_augment_impl", not (cfg.data.auto_augment == "rand" and cfg.data.auto_augment_impl == "reference"),
+         "the references' port has no RandAugment: data.auto_augment=rand needs data.auto_augment_impl=torchvision"),
         ("data.rand_augment_ops", cfg.data.rand_augment_ops >= 1, "must be >= 1"),
         ("data.rand_augment_magnitude", 0 <= cfg.data.rand_augment_magnitude <= 30, "must be in 0..30"),
         ("data.local_crops", cfg.data.local_crops >= 0, "must be >= 0"),

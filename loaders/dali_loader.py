@@ -78,7 +78,7 @@ class BetonSamples:
 
 
 class FolderSamples:
-    """JPEG files of an ImageFolder tree (torchvision's class and file order)."""
+    """JPEG files of an ImageFolder tree (the converter's listing: its class and file order)."""
 
     def __init__(self, root: str | Path):
         from loaders.torchvision_loader import image_folder_files

@@ -18,16 +18,20 @@ log = logging.getLogger("smallvit.loaders")
 
 
 def check_sidecar(meta: dict, path: str, data, split_role: str) -> None:
-    """Refuse a .beton made from another dataset than the config names, or at a size the model cannot take."""
+    """Refuse a .beton made from another dataset than the config names (when it names one), or at a size the model
+    cannot take (naming the conversion option that fixes it)."""
     if data.dataset and meta["dataset"] != data.dataset:
         raise DatasetFileError(f"{path}: holds dataset '{meta['dataset']}' but data.dataset is '{data.dataset}'")
     h, w = meta["image"]["height"], meta["image"]["width"]
     if h is None or w is None:
         raise DatasetFileError(f"{path}: images have mixed sizes ({meta['image'].get('min_size')} to "
                                f"{meta['image'].get('max_size')}); convert with --resize {data.image_size}")
+    if h != w:
+        raise DatasetFileError(f"{path}: images are {h}x{w}, not square: convert with --resize {data.image_size} "
+                               f"(shorter side to {data.image_size}, centre crop)")
     if (h, w) != (data.image_size, data.image_size):
-        raise DatasetFileError(f"{path}: images are {h}x{w} but data.image_size is {data.image_size} "
-                               f"(convert with --max-resolution or change data.image_size)")
+        raise DatasetFileError(f"{path}: images are {h}x{w} but data.image_size is {data.image_size}: set "
+                               f"data.image_size={h} or convert with --resize {data.image_size}")
 
 
 def preflight(data) -> dict:

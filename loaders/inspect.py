@@ -2,8 +2,8 @@
 
 Prints the fields, the sample count, the image mode and sizes and the class histogram (labels read from the file,
 names from the sidecar). --verify decodes every image with a plain per-sample reader (FFCV's own file layout, no
-compiled pipeline: an independent check of the writer) and checks count, labels, sizes and channel mean/std
-against the sidecar.
+compiled pipeline: an independent check of the writer), with a progress bar, and checks count, labels, sizes,
+channel mean/std and the whole file's SHA-256 against the sidecar.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("path", metavar="FILE", help="a .beton file (its sidecar FILE.json beside it)")
     parser.add_argument("--verify", action="store_true",
                         help="decode every image and check count, labels and sizes against the sidecar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar for --verify")
     return parser
 
 
@@ -117,8 +118,13 @@ def describe(path: Path, beton: BetonFile, meta: Optional[dict]) -> list[str]:
     return lines
 
 
-def verify(path: Path, beton: BetonFile, meta: dict) -> list[str]:
-    """Decode every image; -> problems (empty when the file matches its sidecar)."""
+def verify(path: Path, beton: BetonFile, meta: dict, progress: bool = True) -> list[str]:
+    """Decode every image (a progress bar on stderr unless progress=False); -> problems (empty when the file
+    matches its sidecar)."""
+    from tqdm import tqdm
+
+    from loaders.convert.trees import file_sha256
+
     problems = []
     if beton.num_samples != meta["num_images"]:
         problems.append(f"{path}: holds {beton.num_samples} samples, the sidecar says {meta['num_images']}")
@@ -132,8 +138,10 @@ def verify(path: Path, beton: BetonFile, meta: dict) -> list[str]:
     want_h, want_w = meta["image"].get("height"), meta["image"].get("width")
     stats = WriteStats(max(meta["num_classes"], 1))
     decoded = 0
+    bar = tqdm(beton.images(), total=beton.num_samples, unit="img", unit_scale=True, desc=f"verify {path.name}",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
     try:
-        for i, image in beton.images():
+        for i, image in bar:
             decoded += 1
             stats.add(image, 0)
             if want_h and image.shape[:2] != (want_h, want_w):
@@ -142,6 +150,8 @@ def verify(path: Path, beton: BetonFile, meta: dict) -> list[str]:
                 break
     except DatasetFileError as exc:
         problems.append(str(exc))
+    finally:
+        bar.close()
     if not problems and decoded != beton.num_samples:
         problems.append(f"{path}: decoded {decoded} of {beton.num_samples} samples")
     if not problems:
@@ -152,6 +162,8 @@ def verify(path: Path, beton: BetonFile, meta: dict) -> list[str]:
             if max(abs(a - b) for a, b in zip(got, want)) > tolerance:
                 problems.append(f"{path}: decoded channel {what} {[round(v, 4) for v in got]} differs from the "
                                 f"sidecar's {[round(v, 4) for v in want]}")
+    if meta.get("sha256") and file_sha256(path) != meta["sha256"]:   # sidecars before this check have none
+        problems.append(f"{path}: its SHA-256 differs from the sidecar's (the file changed after conversion)")
     return problems
 
 
@@ -175,13 +187,13 @@ def run_inspect(args: argparse.Namespace) -> int:
         for line in describe(path, beton, meta):
             print(line)
         if args.verify:
-            problems = verify(path, beton, meta)
+            problems = verify(path, beton, meta, progress=not getattr(args, "no_progress", False))
             if problems:
                 for p in problems:
                     print(f"verify FAILED: {p}", file=sys.stderr)
                 return EXIT_VERIFY_FAILED
-            print(f"verify ok: all {beton.num_samples} images decode; count, labels, sizes and mean/std "
-                  f"match the sidecar")
+            print(f"verify ok: all {beton.num_samples} images decode; count, labels, sizes, mean/std"
+                  f"{' and SHA-256' if meta.get('sha256') else ''} match the sidecar")
         return 0
     except DatasetFileError as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)

@@ -11,10 +11,12 @@
       "source": {"path": "...", "sha256": "...", ...},                   # + format facts (labels: fine/coarse)
       "skipped": [{"index": 17, "file": "...", "reason": "..."}],        # --skip-corrupt leftovers, usually []
       "created": "2026-11-24T23:59:00Z", "bytes": 153600000, "seconds": 12.3,
-      "head_sha256": "..."                                               # see head_digest; checked on open
+      "head_sha256": "...",                                              # see head_digest; checked on open
+      "sha256": "..."                      # the whole .beton (independent of the writer count); inspect --verify
     }
 mean/std are exact (integer pixel histograms) over the pixels as stored, after any --resize/--max-resolution;
-in JPEG mode they describe the pixels before encoding.
+in JPEG mode they describe the pixels before encoding. `smallvit sidecar FILE.beton` writes one for a .beton that
+FFCV's own writer made (loaders/sidecar_command.py), from the decoded file.
 """
 from __future__ import annotations
 
@@ -44,7 +46,8 @@ def read_sidecar(beton: str | os.PathLike) -> dict[str, Any]:
     if not Path(beton).is_file():
         raise DatasetFileError(f"{beton}: no such dataset file")
     if not path.is_file():
-        raise DatasetFileError(f"{path}: sidecar missing (convert the dataset with `smallvit convert`)")
+        raise DatasetFileError(f"{path}: sidecar missing (convert the dataset with `smallvit convert`, or write one "
+                               f"for a .beton from FFCV's own writer with `smallvit sidecar {beton}`)")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

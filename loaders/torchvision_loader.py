@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from loaders.batch import Batch
+from loaders.convert.imagefolder import image_folder_files  # the converter's listing: same order and count
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
 from loaders.transforms.pipeline import EvalTransform, TrainTransform
@@ -28,7 +29,8 @@ from loaders.upload import upload
 
 
 def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
-    """The uint8 stage for one image (3, H, W) with torchvision.transforms.functional, key () int64."""
+    """The uint8 stage for one image (3, H, W) with torchvision.transforms.functional, key () int64 (the
+    references' AutoAugment family, which torchvision lacks, as a batch of one)."""
     import torchvision.transforms.functional as TF
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.autoaugment import _apply_op
@@ -43,6 +45,10 @@ def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
         image = TF.crop(TF.pad(image, [data.crop_padding], fill=0), top, left, h, w)
     if data.flip and float(uniform(keys, 2)[0, 0]) < 0.5:
         image = TF.hflip(image)
+    if data.auto_augment != "none" and getattr(data, "auto_augment_impl", "torchvision") == "reference":
+        from loaders.transforms.autoaugment_reference import auto_augment as reference_auto_augment
+
+        return reference_auto_augment(image.unsqueeze(0), keys, data.auto_augment)[0][0]   # no torchvision op
     if data.auto_augment != "none":
         if data.auto_augment == "rand":
             p = rand_augment_params(keys, data.rand_augment_ops, data.rand_augment_magnitude)
@@ -139,18 +145,6 @@ class _PlanBatches:
 def _collate(items):
     """The images only: labels, index and repeat are slices of the epoch's arrays already on the device."""
     return torch.stack([it[0] for it in items])
-
-
-def image_folder_files(root: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
-    """torchvision ImageFolder's listing: (files, labels, classes), classes sorted, files sorted per class."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    root = Path(root)
-    classes = sorted(e.name for e in root.iterdir() if e.is_dir()) if root.is_dir() else []
-    if not classes:
-        raise DatasetFileError(f"{root}: not an ImageFolder tree (no class folders)")
-    samples = make_dataset(str(root), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
-    return [s[0] for s in samples], np.array([s[1] for s in samples], dtype=np.int64), classes
 
 
 class TorchvisionLoader:

@@ -44,6 +44,18 @@ def test_bad_keys_and_values_name_the_key(tree, overrides, key):
     assert key in str(err.value)
 
 
+def test_auto_augment_family_is_a_checked_choice():
+    """data.auto_augment_impl: torchvision (the default) or reference; a bad value or RandAugment with the
+    references' family (which has none) is refused naming the key."""
+    assert config_from_dict({}).data.auto_augment_impl == "torchvision"
+    cfg = config_from_dict({}, ["data.auto_augment=svhn", "data.auto_augment_impl=reference"])
+    assert (cfg.data.auto_augment, cfg.data.auto_augment_impl) == ("svhn", "reference")
+    with pytest.raises(ConfigError, match=r"data\.auto_augment_impl: 'pil' is not one of"):
+        config_from_dict({}, ["data.auto_augment_impl=pil"])
+    with pytest.raises(ConfigError, match=r"data\.auto_augment_impl: .*no RandAugment"):
+        config_from_dict({}, ["data.auto_augment=rand", "data.auto_augment_impl=reference"])
+
+
 def test_file_errors_name_the_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")

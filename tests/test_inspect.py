@@ -125,3 +125,26 @@ def test_convert_help_lists_every_option_with_default():
     for action in parser._actions:
         if action.dest != "help":
             assert action.help, action.dest
+
+
+def test_verify_shows_progress_and_checks_the_whole_file(converted, capsys, tmp_path):
+    """--verify draws a progress bar on stderr (none with --no-progress) and checks the file's SHA-256: a byte
+    changed where no sample, header or table lies (the unused end of a page) is caught."""
+    import shutil
+
+    rc, out, err = inspect(capsys, str(converted / "raw" / "train.beton"), "--verify")
+    assert rc == 0 and "verify train.beton" in err and "100%" in err, err
+    assert "mean/std and SHA-256 match the sidecar" in out
+    rc, _, err = inspect(capsys, str(converted / "raw" / "train.beton"), "--verify", "--no-progress")
+    assert rc == 0 and err == ""
+    shutil.copy(converted / "raw" / "test.beton", tmp_path / "test.beton")
+    shutil.copy(converted / "raw" / "test.beton.json", tmp_path / "test.beton.json")
+    beton = BetonFile(tmp_path / "test.beton")
+    unused = int(beton._image["data_ptr"].max()) + (1 << 20)          # 1 MiB past the last sample, same page
+    assert unused < (tmp_path / "test.beton").stat().st_size - (1 << 20)
+    with open(tmp_path / "test.beton", "r+b") as fh:
+        fh.seek(unused)
+        fh.write(b"\x01")
+    rc, _, err = inspect(capsys, str(tmp_path / "test.beton"), "--verify", "--no-progress")
+    assert rc == 1 and err.strip() == f"verify FAILED: {tmp_path / 'test.beton'}: its SHA-256 differs from the " \
+                                      f"sidecar's (the file changed after conversion)"

@@ -116,10 +116,12 @@ def test_identical_batches_for_identical_seeds_and_resume(betons, kind):
         assert torch.equal(x.images, y.images) and torch.equal(x.soft_labels, y.soft_labels)
 
 
-def test_loaders_agree_batch_for_batch(betons):
-    """The batched suite (resident, ffcv) equals the per-image torchvision reference loader, bit for bit."""
-    data = _data(betons["raw"], "resident", auto_augment="svhn", erasing_prob=0.5, mixup_alpha=1.0,
-                 cutmix_alpha=1.0)
+@pytest.mark.parametrize("impl", ["torchvision", "reference"])
+def test_loaders_agree_batch_for_batch(betons, impl):
+    """The batched suite (resident, ffcv) equals the per-image torchvision reference loader, bit for bit, with
+    either AutoAugment family."""
+    data = _data(betons["raw"], "resident", auto_augment="svhn", auto_augment_impl=impl, erasing_prob=0.5,
+                 mixup_alpha=1.0, cutmix_alpha=1.0)
     perc = PerceptibilityConfig(enabled=True, kind="both")
     runs = {}
     for kind in ("resident", "ffcv", "torchvision"):

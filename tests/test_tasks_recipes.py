@@ -47,6 +47,10 @@ def test_recipe_loads_and_is_consistent(path):
     assert cfg.model.finetune_key == "teacher" and cfg.model.finetune_strict
     assert cfg.run.out_dir == f"runs/{path.stem}"
     assert cfg.optim.epochs == (300 if method == "trans" else 100)
+    # A, B and D pick the policy by dataset name ('CIFAR' -> CIFAR10Policy, 'SVHN' -> SVHNPolicy, else ImageNet)
+    # from the PIL port in their utils/autoaug.py (D's main.py, B's finetune.py, A's copies of both)
+    policy = "cifar10" if dataset.startswith("cifar") else "svhn" if dataset == "svhn" else "imagenet"
+    assert (cfg.data.auto_augment, cfg.data.auto_augment_impl) == (policy, "reference")
     if fine_tuned and method != "trans":
         assert cfg.data.batch_size == 256                          # B's finetune.py
 

@@ -1,8 +1,8 @@
 """The sync-free formulation of the per-image op choices (loaders/transforms/sync_free.py).
 
-1. Bitwise: with the sync-free path forced on the CPU, AutoAugment (every policy), RandAugment, ColorJitter,
-   the multi-crop views and the whole TrainTransform equal the sub-batch path (torch.equal) on random uint8
-   batches of several sizes, odd H/W included.
+1. Bitwise: with the sync-free path forced on the CPU, AutoAugment (every policy, both families: torchvision's
+   and the references' PIL port), RandAugment, ColorJitter, the multi-crop views and the whole TrainTransform
+   equal the sub-batch path (torch.equal) on random uint8 batches of several sizes, odd H/W included.
 2. No host sync: the whole training recipe (crop, flip, AutoAugment/RandAugment, erasing, Mixup/CutMix,
    translation/scale T, multi-crop views) runs under a guard that raises on every operation that reads device
    values on the host or copies host data to the device: .item/.tolist/.numpy/.cpu/bool/int/float/index of a
@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import loaders.transforms
 from engine.config import DataConfig, PerceptibilityConfig
+from loaders.transforms import autoaugment_reference
 from loaders.transforms.autoaugment import (OP_NAMES, POLICIES, apply_ops, auto_augment, rand_augment,
                                             signed_values)
 from loaders.transforms.multicrop import MultiCrop, color_jitter
@@ -173,6 +174,29 @@ def test_auto_augment_both_paths_equal(policy, n, h, w):
 
 
 @pytest.mark.parametrize("n,h,w", SHAPES)
+def test_reference_family_every_op_and_magnitude_both_paths_equal(n, h, w):
+    """The references' AutoAugment family: random op and magnitude per image over its 15 ops, both signs."""
+    g = torch.Generator().manual_seed(n * 1000 + w)
+    x = _images(n, h, w, seed=n + w)
+    ops = torch.randint(0, len(OP_NAMES), (n,), generator=g)
+    sizes = torch.tensor([len(autoaugment_reference.signed_values(o)) for o in OP_NAMES])
+    mags = (torch.rand(n, generator=g) * sizes[ops]).long()
+    sub = autoaugment_reference.apply_ops(x, ops, mags, sync_free=False)
+    free = autoaugment_reference.apply_ops(x, ops, mags, sync_free=True)
+    assert torch.equal(sub, free), (sub.int() - free.int()).abs().amax((1, 2, 3))
+
+
+@pytest.mark.parametrize("n,h,w", SHAPES)
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_reference_auto_augment_both_paths_equal(policy, n, h, w):
+    x = _images(n, h, w, seed=13)
+    keys = sample_keys(21, 3, torch.arange(n))
+    sub, _ = autoaugment_reference.auto_augment(x, keys, policy, sync_free=False)
+    free, _ = autoaugment_reference.auto_augment(x, keys, policy, sync_free=True)
+    assert torch.equal(sub, free)
+
+
+@pytest.mark.parametrize("n,h,w", SHAPES)
 @pytest.mark.parametrize("num_ops,magnitude", [(2, 9), (3, 15)])
 def test_rand_augment_both_paths_equal(n, h, w, num_ops, magnitude):
     x = _images(n, h, w, seed=4)
@@ -214,6 +238,8 @@ def _recipes():
         (DataConfig(auto_augment="imagenet", erasing_prob=0.5, erasing_fill="const", mixup_alpha=0.8, mix_prob=1.0),
          PerceptibilityConfig(enabled=True, kind="scale")),
         (DataConfig(auto_augment="rand", erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.5), both),
+        (DataConfig(auto_augment="cifar10", auto_augment_impl="reference", erasing_prob=0.25, mixup_alpha=1.0,
+                    cutmix_alpha=1.0, mix_prob=1.0), both),
     ]
 
 
@@ -227,7 +253,7 @@ def _batch_tensors(batch) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("recipe", range(4))
+@pytest.mark.parametrize("recipe", range(len(_recipes())))
 @pytest.mark.parametrize("n,h,w", [(7, 32, 32), (64, 32, 32)])
 def test_train_transform_both_paths_equal(recipe, n, h, w):
     data, perc = _recipes()[recipe]
@@ -274,7 +300,7 @@ def _recipe_batches(device, guard=None):
 def test_sync_free_pipeline_makes_no_host_sync_on_cpu(monkeypatch):
     with forced_sync_free(True):
         batches = _recipe_batches(torch.device("cpu"), guard=monkeypatch)
-    assert len(batches) == 4 and len(batches[0].crops) == 4 and batches[0].transformed is not None
+    assert len(batches) == len(_recipes()) and len(batches[0].crops) == 4 and batches[0].transformed is not None
 
 
 def test_sub_batch_path_does_sync(monkeypatch):

@@ -1,7 +1,8 @@
 """`smallvit convert SOURCE --out DIR`: every split of a dataset to DIR/<split>.beton + DIR/<split>.beton.json.
 
-All or nothing: every split is written to a temporary file first and renamed only when all of them succeeded;
-an error (one line naming the file and sample) exits with code 2 and leaves DIR as it was.
+All or nothing: every split is written to a temporary file first; when all of them succeeded they are renamed
+into place together (with --force the old files go back if any rename fails), so DIR holds all the old splits or
+all the new ones. An error (one line naming the file and sample) exits with code 2 and leaves DIR as it was.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from loaders.sidecar import DatasetFileError
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 AUTO_RAW_MAX_SIDE = 64  # mode 'auto': raw pixels up to 64 px (CIFAR/SVHN/CINIC/Tiny-ImageNet), JPEG above
+DEFAULT_JPEG_QUALITY = 90
+TEST_SPLITS = ("test", "val", "valid")
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -36,7 +39,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                         help="CIFAR-100 label set (coarse: the 20 superclasses)")
     parser.add_argument("--mode", choices=("auto", "raw", "jpg"), default="auto",
                         help=f"image storage: raw pixels, JPEG, or auto (raw up to {AUTO_RAW_MAX_SIDE} px, else jpg)")
-    parser.add_argument("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality 1..100 (jpg mode)")
+    parser.add_argument("--jpeg-quality", type=int, default=None, metavar="Q",
+                        help=f"JPEG quality 1..100 of JPEG storage; None: {DEFAULT_JPEG_QUALITY}. Under --mode auto "
+                             f"it asks for JPEG storage, also for images auto would store raw")
     parser.add_argument("--max-resolution", type=int, default=None, metavar="N",
                         help="shrink images whose longest side exceeds N pixels (aspect kept); None: never")
     parser.add_argument("--resize", type=int, default=None, metavar="SIDE",
@@ -45,6 +50,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--per-class", type=int, default=None, metavar="N",
                         help="keep the first N images of each class of every split (source order; a small balanced "
                              "slice for quick experiments, recorded in the sidecar); None: all")
+    parser.add_argument("--test-split", type=float, default=None, metavar="FRACTION",
+                        help="for a source with one split (a flat ImageFolder: <class>/<image>): hold out this "
+                             "fraction of every class as the test split (stratified, seeded by --split-seed); "
+                             "None: write the one split as train")
+    parser.add_argument("--split-seed", type=int, default=0, metavar="N",
+                        help="seed of the --test-split draw (the same seed gives the same split)")
     parser.add_argument("--workers", type=int, default=-1, metavar="N", help="writer processes (-1: all cores)")
     parser.add_argument("--force", action="store_true", help="overwrite existing .beton files")
     parser.add_argument("--download", action="store_true",
@@ -86,6 +97,17 @@ def choose_mode(requested: str, sources: dict, resize: Optional[int], max_resolu
     return "raw"
 
 
+def split_off_test(opened, fraction: float, seed: int) -> dict:
+    """{'train', 'test'} from the one split of `opened` (refused when it has more, or a test split already)."""
+    from loaders.convert.subset import hold_out_test
+
+    if len(opened.sources) != 1 or set(opened.sources) & set(TEST_SPLITS):
+        raise DatasetFileError(f"{opened.origin}: has the splits {', '.join(opened.sources)} already; --test-split "
+                               f"is for a source with one split (a flat <class>/<image> folder)")
+    (source,) = opened.sources.values()
+    return hold_out_test(source, fraction, seed)
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
@@ -117,44 +139,69 @@ def summary_lines(name: str, origin: str, metas: list[dict], seconds: float) -> 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert; print a summary. -> 0, or 2 with a one-line error on stderr (nothing written), 130 on Ctrl-C."""
     from loaders.convert.detect import open_dataset
-    from loaders.convert.writer import WriteOptions, stage_beton
+    from loaders.convert.writer import WriteOptions, check_target, commit_all, stage_beton
 
     staged = []
     try:
         if args.jpeg_quality is not None and not 1 <= args.jpeg_quality <= 100:
             raise ValueError(f"--jpeg-quality must be in 1..100, got {args.jpeg_quality}")
+        if args.jpeg_quality is not None and args.mode == "raw":
+            raise ValueError(f"--jpeg-quality {args.jpeg_quality} with --mode raw: raw storage keeps the pixels "
+                             f"(use --mode jpg or auto for JPEG)")
         for flag in ("max_resolution", "resize"):
             value = getattr(args, flag)
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be a positive number of pixels, got {value}")
         if args.per_class is not None and args.per_class < 1:   # before the (possibly long) read of the source
             raise ValueError(f"--per-class must be a positive number of images, got {args.per_class}")
+        if args.test_split is not None and not 0 < args.test_split < 1:
+            raise ValueError(f"--test-split must be a fraction between 0 and 1, got {args.test_split}")
+        if args.test_split is not None and args.splits:
+            raise ValueError("--test-split makes train and test out of a source's one split: leave out --splits")
         out = Path(args.out)
         splits = parse_splits(args.splits)
         t0 = time.perf_counter()
         opened = open_dataset(args.source, splits, labels=args.labels, resize=args.resize, download=args.download,
                               download_dir=Path(args.download_dir) if args.download_dir else out / "downloads",
                               mirror=args.mirror, progress=not args.no_progress)
+        classes = next(iter(opened.sources.values())).classes
+        if len(classes) == 1:
+            opened.warnings.append(f"{opened.origin}: one class only ('{classes[0]}'): a classifier has nothing to "
+                                   f"tell apart (an ImageFolder holds one folder per class: <split>/<class>/<image>)")
+        for warning in opened.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         name = args.dataset or opened.name
+        notes = []
+        if args.test_split is not None:
+            opened.sources = split_off_test(opened, args.test_split, args.split_seed)
+        elif not args.splits and not set(opened.sources) & set(TEST_SPLITS):
+            notes.append(f"{opened.origin} has no test split: only {', '.join(opened.sources)} was written "
+                         f"(--test-split 0.1 holds out a stratified 10% of every class as test)")
         if args.per_class is not None:
             from loaders.convert.subset import PerClassSubset
 
             opened.sources = {split: PerClassSubset(src, args.per_class) for split, src in opened.sources.items()}
         targets = {split: out / f"{split}.beton" for split in opened.sources}
-        existing = [str(p) for p in targets.values() if p.exists()]
-        if existing and not args.force:
-            raise FileExistsError(f"{existing[0]} exists (pass --force to overwrite)")
+        for target in targets.values():
+            check_target(target, args.force)
         mode = choose_mode(args.mode, opened.sources, args.resize, args.max_resolution)
-        options = WriteOptions(mode=mode, jpeg_quality=args.jpeg_quality, max_resolution=args.max_resolution,
+        if mode == "raw" and args.jpeg_quality is not None:   # only 'auto' gets here: the quality asks for JPEG
+            mode = "jpg"
+            print(f"note: --jpeg-quality {args.jpeg_quality} given, so these images are stored as JPEG (without it "
+                  f"--mode auto stores images of up to {AUTO_RAW_MAX_SIDE} px as raw pixels)", file=sys.stderr)
+        quality = DEFAULT_JPEG_QUALITY if args.jpeg_quality is None else args.jpeg_quality
+        options = WriteOptions(mode=mode, jpeg_quality=quality, max_resolution=args.max_resolution,
                                num_workers=args.workers, force=args.force, progress=not args.no_progress,
                                skip_corrupt=args.skip_corrupt)
         for split, source in opened.sources.items():
             source.name = name
             staged.append(stage_beton(source, targets[split], options, desc=f"{name}/{split}"))
-        metas = [s.commit() for s in staged]
+        metas = commit_all(staged)
         staged = []
         for line in summary_lines(name, opened.origin, metas, time.perf_counter() - t0):
             print(line)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         return 0
     except (DatasetFileError, FileExistsError, ValueError) as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +32,7 @@ class OpenedDataset:
     format: str                # 'cifar', 'svhn', 'imagefolder', 'tinyimagenet', 'npz', 'digits'
     origin: str                # what was read
     sources: dict              # split -> writer source, in the order the splits will be written
+    warnings: list = field(default_factory=list)   # notes for the user (symlinks not followed, files left out)
 
 
 def guess_name(path: Path) -> str:
@@ -87,12 +88,13 @@ def open_dataset(source: str, splits: Optional[list[str]] = None, labels: str = 
     if looks_like_tinyimagenet(tree.dirs(root) + [f.rpartition("/")[2] for f in files
                                                  if f.rpartition("/")[0] == root]):
         return OpenedDataset("tinyimagenet", "tinyimagenet", str(path),
-                             load_tinyimagenet(tree, root, splits, "tinyimagenet", resize))
+                             load_tinyimagenet(tree, root, splits, "tinyimagenet", resize), tree.warnings)
     root = common_root(tree, has_split_folders)
     if not root and not has_split_folders(tree.dirs("")):
         root = _single_wrapper(tree)
     name = guess_name(path)
-    return OpenedDataset(name, "imagefolder", str(path), load_imagefolder(tree, root, splits, name, resize))
+    sources = load_imagefolder(tree, root, splits, name, resize)
+    return OpenedDataset(name, "imagefolder", str(path), sources, tree.warnings)
 
 
 def _single_wrapper(tree) -> str:

@@ -10,15 +10,26 @@ from typing import Optional
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff")
+# torchvision ImageFolder's extensions: what PIL, OpenCV and DALI's decoder all read (no .gif: DALI cannot)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_hidden(member: str) -> bool:
+    """Whether any component of a '/'-separated path starts with '.' (.DS_Store, macOS ._x.jpg, .ipynb_checkpoints)."""
+    return any(part.startswith(".") for part in member.split("/"))
 
 
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.rsplit("/", 1)[-1].startswith(".")
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not is_hidden(name)
+
+
+class ImageDecodeError(ValueError):
+    """An image file that does not decode (empty, truncated, corrupt); the message says why."""
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes -> uint8 (H, W, 3) RGB. Raises ValueError naming the reason for corrupt or truncated data.
+    """Encoded bytes -> uint8 (H, W, 3) RGB. Raises ImageDecodeError naming the reason for empty, corrupt or
+    truncated data.
 
     OpenCV decodes (about 8x faster than PIL on 32 px JPEGs, and pixel-identical to PIL on the CIFAR-10 JPEG copy:
     both are libjpeg-turbo); EXIF orientation is ignored, as PIL/torchvision's ImageFolder do. OpenCV accepts a
@@ -27,9 +38,14 @@ def decode_image(data: bytes) -> np.ndarray:
     """
     import cv2
 
+    if not data:
+        raise ImageDecodeError("cannot decode image (empty file: 0 bytes)")
     if data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
-        raise ValueError("cannot decode image (truncated JPEG: no end-of-image marker after the scan data)")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        raise ImageDecodeError("cannot decode image (truncated JPEG: no end-of-image marker after the scan data)")
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error:   # OpenCV asserts on some malformed headers; PIL then names the problem
+        bgr = None
     if bgr is not None and bgr.ndim == 3 and bgr.shape[2] == 3:
         return np.ascontiguousarray(bgr[:, :, ::-1])
     return decode_image_pil(data)
@@ -46,7 +62,7 @@ def decode_image_pil(data: bytes) -> np.ndarray:
                 im = im.convert("RGB")
             return np.asarray(im, dtype=np.uint8).copy()
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ... for bad data
-        raise ValueError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
+        raise ImageDecodeError(f"cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
 def resize_to_side(image: np.ndarray, side: int) -> np.ndarray:

@@ -4,6 +4,7 @@
     tree.read(member)   -> bytes
     tree.locate(member) -> 'cifar10-jpg.tar.gz:train/cat/0001.jpg' (for error messages)
     tree.checksum(members) -> sha256 hex of what was read
+    tree.warnings       -> notes for the user (symlinks not followed, files left out), printed by `convert`
 
 Tar archives cannot be read at random (gzip), so a TarTree reads the wanted members into memory in one
 sequential pass and hashes the archive bytes on the way; the FFCV writer's forked workers then share those bytes.
@@ -36,25 +37,26 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 class DirTree:
+    """A folder. Symlinked folders are followed, but every real folder is listed once: a link to a folder the tree
+    already holds (a loop such as `class/loop -> ..`, or an alias of a sibling) is not followed and reported in
+    `warnings`, so each file is counted once."""
+
     def __init__(self, root: Path):
         self.root = Path(root)
         self.origin = str(self.root)
         self._files: Optional[list[str]] = None
+        self._dirs: set[str] = set()
+        self.warnings: list[str] = []
 
     def files(self) -> list[str]:
         if self._files is None:
-            out = []
-            for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-                dirnames.sort()
-                rel = Path(dirpath).relative_to(self.root)
-                out.extend((rel / f).as_posix() for f in filenames)
-            self._files = sorted(p[2:] if p.startswith("./") else p for p in out)
+            self._files, self._dirs, self.warnings = walk_folder(self.root)
         return self._files
 
     def dirs(self, under: str) -> list[str]:
         """Immediate subfolder names of `under` (empty folders included, which a member listing cannot show)."""
-        base = self.root / under
-        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+        self.files()
+        return _child_dirs(self._dirs, under)
 
     def read(self, member: str) -> bytes:
         return (self.root / member).read_bytes()
@@ -68,6 +70,63 @@ class DirTree:
             h.update(m.encode() + b"\0")
             h.update(hashlib.sha256(self.read(m)).digest())
         return h.hexdigest()
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def walk_folder(root: Path) -> tuple[list[str], set[str], list[str]]:
+    """-> (sorted file paths, folder paths, warnings), '/'-separated and relative to `root`.
+
+    Two passes: the real folders first (symlinks not followed), then a walk that also follows symlinked folders,
+    each only when its target is not a real folder of the tree and was not reached before. Files (symlinked or
+    not, broken links included: reading them names them) are listed by the path they were reached at.
+    """
+    try:
+        real = {_identity(dirpath) for dirpath, _, _ in os.walk(root)}
+    except OSError as exc:
+        raise DatasetFileError(f"{root}: cannot list the folder ({exc})") from None
+    files, dirs, warnings = [], set(), []
+    reached = set(real)
+    stack = [("", True)]     # (folder, reached through real folders only)
+    while stack:
+        rel, in_real = stack.pop()
+        here = root / rel if rel else root
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError as exc:
+            raise DatasetFileError(f"{here}: cannot list the folder ({exc})") from None
+        subdirs = []
+        for entry in entries:
+            member = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(member)
+                continue
+            real_child = in_real and not entry.is_symlink()
+            if not real_child:
+                ident = _identity(entry.path)
+                if ident in reached:
+                    target = os.path.realpath(entry.path)
+                    above = (os.path.realpath(here) + os.sep).startswith(target + os.sep)
+                    why = "symlink loop (it points to a folder above it)" if above else "a folder already listed"
+                    warnings.append(f"{entry.path} -> {target}: {why}; not followed, each file is counted once")
+                    continue
+                reached.add(ident)
+            dirs.add(member)
+            subdirs.append((member, real_child))
+        stack.extend(reversed(subdirs))
+    return sorted(files), dirs, warnings
+
+
+def _child_dirs(dirs: set[str], under: str) -> list[str]:
+    prefix = under.rstrip("/") + "/" if under else ""
+    return sorted({d[len(prefix):].split("/")[0] for d in dirs if d.startswith(prefix) and d != under})
 
 
 class _HashingReader:
@@ -87,6 +146,7 @@ class _ArchiveIndex:
     folder of every file (archives need not list their folders)."""
 
     def _index(self, files, dirs) -> None:
+        self.warnings: list[str] = []
         self._files = sorted(files)
         self._dirs = set(dirs)
         for name in self._files:
@@ -98,8 +158,7 @@ class _ArchiveIndex:
         return self._files
 
     def dirs(self, under: str) -> list[str]:
-        prefix = under.rstrip("/") + "/" if under else ""
-        return sorted({d[len(prefix):].split("/")[0] for d in self._dirs if d.startswith(prefix) and d != under})
+        return _child_dirs(self._dirs, under)
 
 
 class TarTree(_ArchiveIndex):

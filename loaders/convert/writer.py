@@ -17,12 +17,17 @@ Statistics (per-channel mean/std, class histogram, image sizes) are accumulated 
 the very pixels they store (after any --max-resolution resize), as exact integer sums, so a file-backed source is
 decoded once and the result does not depend on the number of workers or the chunking.
 
+The bytes depend only on the source and the options: the finished file is rewritten with the page layout one
+worker gives and no stray padding bytes (loaders/convert/layout.py), so any worker count gives the same file, whose
+SHA-256 the sidecar records ("sha256"; "head_sha256" covers the header and tables, checked on every open).
+
 Nothing is ever half-written at the final path: the .beton goes to a hidden temporary file in the same folder and
 is renamed only after FFCV finished and the sidecar was computed; any exception (Ctrl-C included) removes it.
-`stage_beton` + `StagedBeton.commit()` let a caller write several splits and rename them only when all succeeded.
+`stage_beton` + `commit_all(staged)` let a caller write several splits and rename them all or none.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import queue
@@ -35,7 +40,10 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, head_digest, sidecar_path, write_json_atomic
+from loaders.atomic import fsync_dir, temp_path
+from loaders.convert.layout import single_writer_layout
+from loaders.convert.trees import file_sha256
+from loaders.sidecar import SIDECAR_FORMAT, DatasetFileError, head_digest, sidecar_path
 
 # FFCV keeps one page per worker in memory and a sample must fit in a page: 8 MiB holds a raw 1670x1670 image.
 PAGE_SIZE = 1 << 23
@@ -114,6 +122,36 @@ class WriteStats:
         return mean, std
 
 
+def sidecar_meta(*, dataset: str, split: str, classes: list[str], stats: WriteStats, mode: str,
+                 jpeg_quality: Optional[int], max_resolution: Optional[int], beton: Path, seconds: float,
+                 source: dict, skipped: list[dict]) -> dict:
+    """The sidecar of the .beton at `beton` whose stored pixels `stats` counted (loaders/sidecar.py's format)."""
+    uniform = stats.min_hw == stats.max_hw
+    mean, std = stats.mean_std()
+    return {
+        "format": SIDECAR_FORMAT,
+        "dataset": dataset,
+        "split": split,
+        "classes": list(classes),
+        "num_classes": len(classes),
+        "num_images": int(stats.counts.sum()),
+        "class_counts": stats.counts.tolist(),
+        "image": {"mode": mode,
+                  "height": int(stats.max_hw[0]) if uniform else None,
+                  "width": int(stats.max_hw[1]) if uniform else None,
+                  "min_size": [int(v) for v in stats.min_hw], "max_size": [int(v) for v in stats.max_hw],
+                  "jpeg_quality": jpeg_quality, "max_resolution": max_resolution},
+        "mean": mean, "std": std,
+        "source": source,
+        "skipped": skipped,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bytes": beton.stat().st_size,
+        "head_sha256": head_digest(beton),   # FFCV's header and tables: checked on every open (read_sidecar)
+        "sha256": file_sha256(beton),        # the whole file: the same for any worker count (checked by --verify)
+        "seconds": round(seconds, 3),
+    }
+
+
 def channel_stats(source: Any, progress: bool = False) -> tuple[list[float], list[float], list[int]]:
     """Per-channel mean and std (fractions of 255) and the class histogram of a source, in one plain pass.
 
@@ -190,8 +228,59 @@ def _ffcv_fields(options: WriteOptions) -> dict:
     return {"image": RGBImageField(**image_kwargs), "label": IntField()}
 
 
+class SampleTooLarge(ValueError):
+    """A sample whose stored bytes exceed one .beton page (FFCV cannot split a sample across pages)."""
+
+    def __init__(self, size: int, page_size: int):
+        super().__init__(f"stored as {size} bytes, more than a .beton page ({page_size} bytes)")
+        self.size, self.page_size = size, page_size
+
+
+def _page_allocator(base):
+    """FFCV's MemoryAllocator, raising SampleTooLarge (with the sizes) instead of a bare ValueError."""
+
+    class PageAllocator(base):
+        def malloc(self, size):
+            if size > self.page_size:
+                raise SampleTooLarge(int(size), int(self.page_size))
+            return super().malloc(size)
+
+    return PageAllocator
+
+
+def fitting_resolution(height: int, width: int, nbytes: int, page_size: int, mode: str) -> int:
+    """A --max-resolution (longest side, pixels) under which an image of height x width stored as `nbytes` fits
+    in a page: exact for raw pixels (FFCV's own resize arithmetic), an estimate with room to spare for JPEG."""
+    longest = max(height, width)
+    if mode != "raw":
+        side = int(longest * np.sqrt(page_size / nbytes) * 0.7)
+        return max(64, side // 64 * 64)
+    side = int(longest * np.sqrt(page_size / (3 * height * width))) + 1
+    while side > 1:
+        w, h = (side / longest * np.array([width, height])).astype(int)
+        if 3 * int(h) * int(w) <= page_size:
+            return side
+        side -= 1
+    return 1
+
+
+def failure_reason(exc: Exception, image: Optional[np.ndarray], mode: str, skipping: bool) -> str:
+    """What the user reads for a sample that failed, with the option that gets past it where there is one."""
+    from loaders.convert.images import ImageDecodeError
+
+    if isinstance(exc, SampleTooLarge) and image is not None:
+        h, w = image.shape[:2]
+        fit = fitting_resolution(h, w, exc.size, exc.page_size, mode)
+        return (f"{'JPEG' if mode == 'jpg' else 'raw'} {h}x{w} image of {exc.size / 2**20:.1f} MiB, more than the "
+                f"{exc.page_size / 2**20:.0f} MiB a .beton page holds: convert with --max-resolution {fit}"
+                + (" (or a lower --jpeg-quality)" if mode == "jpg" else ""))
+    if isinstance(exc, ImageDecodeError) and not skipping:
+        return f"{exc}; --skip-corrupt leaves such images out (listed in the summary and the sidecar)"
+    return str(exc) if isinstance(exc, DatasetFileError) else f"{type(exc).__name__}: {exc}"
+
+
 def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done_number, allocations_queue,
-                source, report_queue, max_resolution, skip_corrupt, num_classes):
+                source, report_queue, max_resolution, skip_corrupt, num_classes, mode):
     """FFCV's worker_job_indexed_dataset plus: per-sample errors reported (or skipped) with the file named,
     statistics of the stored pixels, and SIGINT left to the parent (which terminates us)."""
     from ffcv.writer import handle_sample
@@ -207,6 +296,7 @@ def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done
             if chunk is None:
                 break
             for dest_ix, source_ix in chunk:
+                image = None
                 try:
                     image, label = source[source_ix]
                     image = prepare_image(image, max_resolution)
@@ -217,7 +307,7 @@ def _worker_job(input_queue, metadata_sm, metadata_type, fields, allocator, done
                     stats.add(image, label)
                 except Exception as exc:  # noqa: BLE001 - every failure is reported with the file named
                     where = locate(source, int(source_ix))
-                    reason = str(exc) if isinstance(exc, DatasetFileError) else f"{type(exc).__name__}: {exc}"
+                    reason = failure_reason(exc, image, mode, skip_corrupt)
                     if not skip_corrupt:
                         report_queue.put(("error", int(source_ix), where, reason))
                         report_queue.close()
@@ -259,9 +349,9 @@ def _run_ffcv(source: Any, tmp: Path, indices: np.ndarray, options: WriteOptions
             work.put(None)
         allocations_queue, report_queue = ctx.Queue(), ctx.Queue()
         done = ctx.Value(ctypes.c_uint64, 0)
-        allocator = MemoryAllocator(str(tmp), writer.data_region_start, writer.page_size)
+        allocator = _page_allocator(MemoryAllocator)(str(tmp), writer.data_region_start, writer.page_size)
         args = (work, writer.metadata_sm, writer.metadata_type, writer.fields, allocator, done, allocations_queue,
-                source, report_queue, options.max_resolution, options.skip_corrupt, len(source.classes))
+                source, report_queue, options.max_resolution, options.skip_corrupt, len(source.classes), options.mode)
         processes = [ctx.Process(target=_worker_job, args=args, daemon=True) for _ in range(workers)]
         for p in processes:
             p.start()
@@ -343,24 +433,76 @@ class StagedBeton:
     meta: dict
     skipped: list = field(default_factory=list)
 
+    @property
+    def sidecar_tmp(self) -> Path:
+        return temp_path(sidecar_path(self.path))
+
     def commit(self) -> dict:
-        try:
-            with open(self.tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            # Sidecar first, then the data file: a .beton at its final path always has its sidecar beside it.
-            write_json_atomic(sidecar_path(self.path), self.meta)
-            os.replace(self.tmp, self.path)
-        except BaseException:
-            self.discard()
-            raise
-        return self.meta
+        return commit_all([self])[0]
 
     def discard(self) -> None:
         self.tmp.unlink(missing_ok=True)
+        self.sidecar_tmp.unlink(missing_ok=True)
 
 
-def temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def commit_all(staged: list[StagedBeton]) -> list[dict]:
+    """Rename every staged .beton and its sidecar to their final paths, or none of them; -> their sidecars.
+
+    Files already at the final paths (an overwrite) are first renamed aside; if any rename fails, what was placed
+    is removed and the old files go back, so the folder holds all the old splits or all the new ones. A .beton at
+    its final path always has its sidecar beside it.
+    """
+    aside: list[tuple[Path, Path]] = []     # (backup, final path)
+    placed: list[Path] = []
+    try:
+        for s in staged:
+            with open(s.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            with open(s.sidecar_tmp, "w") as fh:
+                fh.write(json.dumps(s.meta, indent=2) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        for s in staged:
+            for final in (s.path, sidecar_path(s.path)):
+                if final.is_file():
+                    backup = backup_path(final)
+                    os.replace(final, backup)
+                    aside.append((backup, final))
+        for s in staged:
+            for tmp, final in ((s.sidecar_tmp, sidecar_path(s.path)), (s.tmp, s.path)):
+                os.replace(tmp, final)
+                placed.append(final)
+    except BaseException:
+        for final in reversed(placed):
+            final.unlink(missing_ok=True)
+        for backup, final in reversed(aside):
+            try:
+                os.replace(backup, final)
+            except OSError:   # left as the hidden backup: the next conversion of this folder puts it back
+                pass
+        for s in staged:
+            s.discard()
+        raise
+    for backup, _ in aside:
+        backup.unlink(missing_ok=True)
+    for folder in {s.path.parent for s in staged}:
+        fsync_dir(folder)
+    return [s.meta for s in staged]
+
+
+def backup_path(path: Path) -> Path:
+    """Where an overwritten file waits while `commit_all` renames the new ones in."""
+    return path.with_name(f".{path.name}.old-{os.getpid()}")
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse before any work: `path` or its sidecar path is a folder (or another non-file), or `path` exists
+    and force is False. Raises FileExistsError."""
+    for target in (path, sidecar_path(path)):
+        if (target.exists() or target.is_symlink()) and not target.is_file():
+            raise FileExistsError(f"{target} exists and is not a file (remove it or choose another --out)")
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (pass --force to overwrite)")
 
 
 def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOptions | None = None,
@@ -376,8 +518,7 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
     if not 1 <= int(options.jpeg_quality) <= 100:
         raise ValueError(f"jpeg quality must be in 1..100, got {options.jpeg_quality}")
     path = Path(path)
-    if path.exists() and not options.force:
-        raise FileExistsError(f"{path} exists (pass --force to overwrite)")
+    check_target(path, options.force)
     origin = getattr(source, "origin", "") or source.name
     if len(source) == 0:
         raise DatasetFileError(f"{origin}: no images found for split '{source.split}'")
@@ -390,7 +531,7 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
     _remove_stale_temporaries(path)
 
     t0 = time.perf_counter()
-    tmp = temporary_path(path)
+    tmp = temp_path(path)
     workers = options.num_workers if options.num_workers > 0 else (os.cpu_count() or 1)
     desc = desc or f"{source.name}/{source.split}"
     try:
@@ -404,31 +545,19 @@ def stage_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
             tmp.unlink()
             # The first pass wrote placeholders for the skipped samples; write again without them.
             stats, again = _run_ffcv(source, tmp, keep, replace_skip(options), workers, desc + " (again)")
-        uniform = stats.min_hw == stats.max_hw
-        meta = {
-            "format": SIDECAR_FORMAT,
-            "dataset": source.name,
-            "split": source.split,
-            "classes": list(source.classes),
-            "num_classes": len(source.classes),
-            "num_images": int(stats.counts.sum()),
-            "class_counts": stats.counts.tolist(),
-            "image": {"mode": options.mode,
-                      "height": int(stats.max_hw[0]) if uniform else None,
-                      "width": int(stats.max_hw[1]) if uniform else None,
-                      "min_size": [int(v) for v in stats.min_hw], "max_size": [int(v) for v in stats.max_hw],
-                      "jpeg_quality": options.jpeg_quality if options.mode == "jpg" else None,
-                      "max_resolution": options.max_resolution},
-            "mean": None, "std": None,
-            "source": {"path": str(origin), "sha256": source.source_checksum(),
-                       **getattr(source, "source_info", {})},
-            "skipped": [s.as_dict() for s in skipped],
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "bytes": tmp.stat().st_size,
-            "head_sha256": head_digest(tmp),   # FFCV's header and tables: checked on every open (read_sidecar)
-            "seconds": round(time.perf_counter() - t0, 3),
-        }
-        meta["mean"], meta["std"] = stats.mean_std()
+        # FFCV's page layout follows its workers' timing: lay the pages out as one worker would
+        laid_out = path.with_name(f".{path.name}.layout-{os.getpid()}")
+        try:
+            single_writer_layout(tmp, laid_out)
+            os.replace(laid_out, tmp)
+        finally:
+            laid_out.unlink(missing_ok=True)
+        meta = sidecar_meta(dataset=source.name, split=source.split, classes=source.classes, stats=stats,
+                            mode=options.mode, jpeg_quality=options.jpeg_quality if options.mode == "jpg" else None,
+                            max_resolution=options.max_resolution, beton=tmp, seconds=time.perf_counter() - t0,
+                            source={"path": str(origin), "sha256": source.source_checksum(),
+                                    **getattr(source, "source_info", {})},
+                            skipped=[s.as_dict() for s in skipped])
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -451,14 +580,17 @@ def write_beton(source: ImageSource, path: str | os.PathLike, options: WriteOpti
 
 
 def _remove_stale_temporaries(path: Path) -> None:
-    """Remove temporaries an earlier, killed conversion left beside `path`."""
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        try:
-            pid = int(stale.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            stale.unlink(missing_ok=True)
+    """Clean up after an earlier, killed conversion of `path`: its temporaries are removed; a file it had renamed
+    aside goes back where its final path is empty, and is removed where a new file took that place."""
+    for final in (path, sidecar_path(path)):
+        for stale in path.parent.glob(f".{final.name}.*-*"):
+            kind, _, pid = stale.name[len(final.name) + 2:].rpartition("-")
+            if kind not in ("tmp", "old", "layout") or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.replace(stale, final)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -264,24 +264,55 @@ def apply_op(images: torch.Tensor, op: str, mag_idx: torch.Tensor, num_bins: int
     return colour[op]()
 
 
+def dispatch_ops(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor, ops: Sequence[str],
+                 run_op: Callable[[torch.Tensor, str, torch.Tensor], torch.Tensor],
+                 run_geometric: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 sync_free: Optional[bool] = None) -> torch.Tensor:
+    """Each image i gets op OP_NAMES[op_ids[i]] at magnitude index mag_idx[i], in one of the two forms.
+
+    ops: the op kinds op_ids can hold (an image whose op is not listed is left as it is).
+    run_op(x, op, m): `op` on a batch x (b, C, H, W) with magnitude indices m (b,).
+    run_geometric(x, op_ids, mag_idx, chosen): the sync-free form's single pass for every geometric op at once,
+        each image by its own op and magnitude (images where `chosen` (B,) is False: any result, it is dropped).
+    sync_free: force the form (None: by device, loaders.transforms.sync_free.use_sync_free)."""
+    if not use_sync_free(images.device, sync_free):
+        out = images
+        for op in ops:
+            if op == "Identity":
+                continue
+            sel = torch.nonzero(op_ids == OP_INDEX[op]).flatten()
+            if sel.numel() == 0:
+                continue
+            out = out.index_copy(0, sel, run_op(out.index_select(0, sel), op, mag_idx[sel]))
+        return out
+    # sync-free: every listed op on the whole batch, each image keeping its own op's result. Magnitude indices of
+    # images that drew another op are replaced by 0 (any valid row; their result is dropped).
+    out = images
+    geometric = [op for op in ops if op in GEOMETRIC_OPS]
+    if geometric:
+        chosen = op_ids == OP_INDEX[geometric[0]]
+        for op in geometric[1:]:
+            chosen = chosen | (op_ids == OP_INDEX[op])
+        out = per_image(chosen, run_geometric(images, op_ids, torch.where(chosen, mag_idx, 0), chosen), out)
+    for op in ops:
+        if op == "Identity" or op in GEOMETRIC_OPS:
+            continue
+        chosen = op_ids == OP_INDEX[op]
+        out = per_image(chosen, run_op(images, op, torch.where(chosen, mag_idx, 0)), out)
+    return out
+
+
 def apply_ops(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor, num_bins: int,
               fill: Optional[float] = None, ops: Sequence[str] = OP_NAMES,
               sync_free: Optional[bool] = None) -> torch.Tensor:
-    """Each image i gets op OP_NAMES[op_ids[i]] at magnitude index mag_idx[i]; one batched call per op kind.
+    """Each image i gets op OP_NAMES[op_ids[i]] at magnitude index mag_idx[i]; one batched call per op kind
+    (see dispatch_ops). The sync-free form runs the five geometric ops as one warp with per-image matrices."""
+    def geometric(x: torch.Tensor, ids: torch.Tensor, mags: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        table, starts = _geometric_lookup(num_bins, x.shape[-2], x.shape[-1], str(x.device))
+        return warp_nearest(x, table[torch.where(chosen, starts[ids] + mags, 0)], fill=fill)
 
-    ops: the op kinds op_ids can hold (an image whose op is not listed is left as it is); sync_free: force the
-    form (None: by device, loaders.transforms.sync_free.use_sync_free)."""
-    if use_sync_free(images.device, sync_free):
-        return _apply_ops_everywhere(images, op_ids, mag_idx, num_bins, fill, ops)
-    out = images
-    for op in ops:
-        if op == "Identity":
-            continue
-        sel = torch.nonzero(op_ids == OP_INDEX[op]).flatten()
-        if sel.numel() == 0:
-            continue
-        out = out.index_copy(0, sel, apply_op(out.index_select(0, sel), op, mag_idx[sel], num_bins, fill))
-    return out
+    return dispatch_ops(images, op_ids, mag_idx, ops, lambda x, op, m: apply_op(x, op, m, num_bins, fill),
+                        geometric, sync_free)
 
 
 @lru_cache(maxsize=64)
@@ -297,58 +328,54 @@ def _geometric_lookup(num_bins: int, height: int, width: int, device: str) -> tu
     return torch.cat(tables), torch.tensor(starts, dtype=torch.int64).to(device)
 
 
-def _apply_ops_everywhere(images: torch.Tensor, op_ids: torch.Tensor, mag_idx: torch.Tensor, num_bins: int,
-                          fill: Optional[float], ops: Sequence[str]) -> torch.Tensor:
-    """apply_ops' sync-free form: every listed op on the whole batch, each image keeping its own op's result.
-    Magnitude indices of images that drew another op are replaced by 0 (any valid row; their result is
-    dropped), and the geometric ops share one warp whose per-image matrix is the row of the op drawn."""
-    h, w = images.shape[-2:]
-    out = images
-    geometric = [op for op in ops if op in GEOMETRIC_OPS]
-    if geometric:
-        table, starts = _geometric_lookup(num_bins, h, w, str(images.device))
-        chosen = op_ids == OP_INDEX[geometric[0]]
-        for op in geometric[1:]:
-            chosen = chosen | (op_ids == OP_INDEX[op])
-        rows = torch.where(chosen, starts[op_ids] + mag_idx, 0)
-        out = per_image(chosen, warp_nearest(images, table[rows], fill=fill), out)
-    for op in ops:
-        if op == "Identity" or op in GEOMETRIC_OPS:
-            continue
-        chosen = op_ids == OP_INDEX[op]
-        out = per_image(chosen, apply_op(images, op, torch.where(chosen, mag_idx, 0), num_bins, fill), out)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- policies
+TORCHVISION_SIGNED_OPS = frozenset(op for op, (_, signed) in augmentation_space(10, 32, 32).items() if signed)
+
+
 @lru_cache(maxsize=16)
-def _policy_tables(policy: str, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _policy_tables(policy: str, device: str, signed_ops: frozenset
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(P, 2) op ids, (P, 2) apply probabilities, (P, 2) bin ids (0 for none), (P, 2) signed flags."""
     if policy not in POLICIES:
         raise ValueError(f"auto augment policy must be one of {sorted(POLICIES)}, got {policy!r}")
-    space = augmentation_space(10, 32, 32)
     rows = POLICIES[policy]
     ops = torch.tensor([[OP_INDEX[o[0]] for o in r] for r in rows], dtype=torch.int64)
     probs = torch.tensor([[o[1] for o in r] for r in rows], dtype=torch.float64)
     bins = torch.tensor([[o[2] if o[2] is not None else 0 for o in r] for r in rows], dtype=torch.int64)
-    signed = torch.tensor([[space[o[0]][1] for o in r] for r in rows], dtype=torch.bool)
+    signed = torch.tensor([[o[0] in signed_ops for o in r] for r in rows], dtype=torch.bool)
     return ops.to(device), probs.to(device), bins.to(device), signed.to(device)
 
 
-def auto_augment_params(keys: torch.Tensor, policy: str) -> dict[str, torch.Tensor]:
-    """Per-image draws, torchvision's rule: sub-policy uniform; stage i applies when u_i <= p_i; a signed op is
-    negated when its sign draw is 0. Returns 'policy' (B,), 'op' (B, 2) op ids (0 = Identity when not applied),
-    'mag_idx' (B, 2) indices into signed_values(10, ...), 'applied' (B, 2) bool."""
-    ops, probs, bins, signed = _policy_tables(policy, str(keys.device))
-    pid = randint(keys, SLOT_AA_POLICY, len(POLICIES[policy]))[:, 0]                  # (B,)
-    u = uniform(keys, SLOT_AA_APPLY, 2).to(torch.float64)                             # (B, 2)
-    sign = randint(keys, SLOT_AA_SIGN, 2, n=2)                                        # (B, 2)
-    applied = u <= probs[pid]
+def policy_draws(keys: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A policy's random numbers per image: sub-policy (B,) int64 uniform over its rows, apply draws u (B, 2)
+    float64 in [0, 1), sign draws (B, 2) int64 in {0, 1} (0 = negative)."""
+    pid = randint(keys, SLOT_AA_POLICY, len(POLICIES[policy]))[:, 0]
+    return pid, uniform(keys, SLOT_AA_APPLY, 2).to(torch.float64), randint(keys, SLOT_AA_SIGN, 2, n=2)
+
+
+def policy_params(policy: str, pid: torch.Tensor, u: torch.Tensor, sign: torch.Tensor,
+                  signed_ops: frozenset = TORCHVISION_SIGNED_OPS, strict: bool = False) -> dict[str, torch.Tensor]:
+    """What the draws (policy_draws) decide: stage i applies when u_i <= p_i (torchvision's rule) or, with
+    `strict`, when u_i < p_i (random.random() < p, the reference port's rule); an op of `signed_ops` is negated
+    when its sign draw is 0. Returns 'policy' (B,), 'op' (B, 2) op ids (0 = Identity when not applied),
+    'mag_idx' (B, 2) magnitude indices (bin, + 10 when negated), 'applied' (B, 2) bool."""
+    ops, probs, bins, signed = _policy_tables(policy, str(pid.device), signed_ops)
+    applied = u < probs[pid] if strict else u <= probs[pid]
     negative = signed[pid] & (sign == 0)
     mag_idx = bins[pid] + 10 * negative.to(torch.int64)
     op = torch.where(applied, ops[pid], torch.zeros_like(ops[pid]))
     mag_idx = torch.where(applied, mag_idx, torch.zeros_like(mag_idx))
     return {"policy": pid, "op": op, "mag_idx": mag_idx, "applied": applied}
+
+
+def auto_augment_params(keys: torch.Tensor, policy: str) -> dict[str, torch.Tensor]:
+    """Per-image draws, torchvision's rule (see policy_params); 'mag_idx' points into signed_values(10, ...)."""
+    return policy_params(policy, *policy_draws(keys, policy))
+
+
+def stage_ops(policy: str, stage: int) -> tuple[str, ...]:
+    """The op kinds stage 0 or 1 of `policy`'s sub-policies can hold, in table order."""
+    return tuple(dict.fromkeys(row[stage][0] for row in POLICIES[policy]))
 
 
 def auto_augment(images: torch.Tensor, keys: torch.Tensor, policy: str, fill: Optional[float] = None,
@@ -357,8 +384,8 @@ def auto_augment(images: torch.Tensor, keys: torch.Tensor, policy: str, fill: Op
     sync_free: see apply_ops."""
     p = auto_augment_params(keys, policy)
     for stage in range(2):
-        stage_ops = tuple(dict.fromkeys(row[stage][0] for row in POLICIES[policy]))
-        images = apply_ops(images, p["op"][:, stage], p["mag_idx"][:, stage], 10, fill, stage_ops, sync_free)
+        images = apply_ops(images, p["op"][:, stage], p["mag_idx"][:, stage], 10, fill, stage_ops(policy, stage),
+                           sync_free)
     return images, p
 
 

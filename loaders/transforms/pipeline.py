@@ -8,7 +8,8 @@ import engine.
 The training recipe, in the reference repos' order (SPT_LSA_ViT/main.py: flip, crop, AutoAugment, ToTensor,
 Normalize, RandomErasing per image in the DataLoader; then Mixup/CutMix on the batch; then the translation
 policy on the mixed batch):
-    uint8:  pad-crop (slots 0-1) -> flip (slot 2) -> AutoAugment / RandAugment (slots 8-12 / 16-23)
+    uint8:  pad-crop (slots 0-1) -> flip (slot 2) -> AutoAugment / RandAugment (slots 8-12 / 16-23); the
+            policies' ops by data.auto_augment_impl: the references' PIL port or torchvision's
     float:  normalize -> random erasing (slots 64-464) -> Mixup/CutMix (batch key) -> perceptibility T (200-202)
             -> cast to the model dtype / memory format -> Batch
 Crop and flip commute in distribution with each other, so their order among themselves does not matter; erasing
@@ -30,6 +31,7 @@ from typing import Optional
 import torch
 
 from loaders.batch import Batch
+from loaders.transforms import autoaugment_reference
 from loaders.transforms.autoaugment import auto_augment, rand_augment
 from loaders.transforms.captured import CapturedTransform
 from loaders.transforms.basic import normalize, random_crop, random_flip
@@ -70,9 +72,9 @@ class EvalTransform:
 class TrainTransform(EvalTransform):
     """The training recipe, batched (see the module docstring for the order).
 
-    data: the data config (attributes crop_padding, flip, auto_augment, rand_augment_ops, rand_augment_magnitude,
-          mixup_alpha, cutmix_alpha, mix_prob, erasing_prob, erasing_fill, multicrop, ...; missing optional
-          attributes take their defaults).
+    data: the data config (attributes crop_padding, flip, auto_augment, auto_augment_impl, rand_augment_ops,
+          rand_augment_magnitude, mixup_alpha, cutmix_alpha, mix_prob, erasing_prob, erasing_fill, multicrop, ...;
+          missing optional attributes take their defaults).
     mean, std: (3,) dataset statistics, fractions of 255 (the sidecar's).
     seed: run seed (keys are (seed, epoch, index, repeat)).
     num_classes: needed when mixing is on (soft labels (B, num_classes)).
@@ -94,6 +96,13 @@ class TrainTransform(EvalTransform):
             raise ValueError("data.mixup_alpha/cutmix_alpha: mixing needs the number of classes (soft labels)")
         if data.auto_augment not in ("none", "rand", "cifar10", "svhn", "imagenet"):
             raise ValueError(f"data.auto_augment: unknown policy {data.auto_augment!r}")
+        self.auto_augment_impl = getattr(data, "auto_augment_impl", "torchvision")
+        if self.auto_augment_impl not in ("torchvision", "reference"):
+            raise ValueError(f"data.auto_augment_impl: unknown family {self.auto_augment_impl!r} "
+                             f"(reference or torchvision)")
+        if self.auto_augment_impl == "reference" and data.auto_augment == "rand":
+            raise ValueError("data.auto_augment_impl: the references' port has no RandAugment "
+                             "(data.auto_augment=rand needs data.auto_augment_impl=torchvision)")
         self.multicrop = None
         if getattr(data, "multicrop", False):
             from loaders.transforms.multicrop import MultiCrop
@@ -124,7 +133,8 @@ class TrainTransform(EvalTransform):
                                       getattr(d, "rand_augment_magnitude", 9))
             params["augment_op"] = aa["op"]
         elif d.auto_augment != "none":
-            images, aa = auto_augment(images, keys, d.auto_augment)
+            family = autoaugment_reference.auto_augment if self.auto_augment_impl == "reference" else auto_augment
+            images, aa = family(images, keys, d.auto_augment)
             params["augment_op"] = aa["op"]
         return images, params
 

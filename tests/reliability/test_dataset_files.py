@@ -1,7 +1,7 @@
 """Dataset files: a conversion killed mid-write, conversion fidelity, damaged .beton files, worker-count invariance.
 
-A .beton's bytes are not reproducible (FFCV's parallel writer places pages in completion order), so "content hash"
-here is `content_digest`: SHA-256 over the sample count, every label and every image (shape and pixels) in index
+The writer lays a .beton's pages out as one FFCV worker would, so its bytes are reproducible too
+(tests/test_convert_data_path.py); "content hash" here is `content_digest`: SHA-256 over the sample count, every label and every image (shape and pixels) in index
 order, and the sidecar's content keys (classes, counts, image facts, mean/std).
 """
 import dataclasses
