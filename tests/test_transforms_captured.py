@@ -35,7 +35,7 @@ def _inputs(n, h, w, step, device="cpu"):
             (index % 2).to(device))
 
 
-@pytest.mark.parametrize("recipe", range(4))
+@pytest.mark.parametrize("recipe", range(len(_recipes())))
 @pytest.mark.parametrize("n,h,w", [(7, 32, 32), (5, 31, 33)])
 def test_static_buffers_give_the_eager_batches(recipe, n, h, w):
     """Warm-up, first static batch, later ones (other samples, epochs, repeats), then a short batch: every Batch
@@ -118,7 +118,7 @@ def test_full_recipe_launches_at_most_100_per_batch_on_static_buffers():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the emulated path runs without)")
-@pytest.mark.parametrize("recipe", range(4))
+@pytest.mark.parametrize("recipe", range(len(_recipes())))
 def test_cuda_graph_replays_give_the_eager_batches_on_a_gpu(recipe):
     data, perc = _recipes()[recipe]
     eager, graphed = _pair(data, perc, "auto")
