@@ -7,11 +7,19 @@ with crop+flip only.
 
 Images per second over one epoch after a warm-up epoch (which pays FFCV's/DALI's compilation), on the device the
 loader feeds (CUDA when present, else CPU).
+
+Per batch, in steady state (the batches after the first of an epoch that follows a warm-up epoch), what each loader
+asks of the device (bench.counting): kernel launches with the transform captured (data.capture_transform=auto: a
+graph replay counts 1) and eager (=off), host-to-device copies, of them blocking ones, and host syncs. Counted on
+CUDA when present; on a CPU machine on the 'meta' device (no data, CUDA's device rules, pinned memory emulated)
+with the captured transform emulated: the launches a GPU would take from the host. `transform` is the recipe alone
+on a batch already on the device (its images/s on the loaders' device).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.report import print_table, write_results
+from bench.report import RESULTS, print_table, write_results
 
 DEFAULT_SOURCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 FULL_RECIPE = dict(auto_augment="cifar10", erasing_prob=0.25, mixup_alpha=1.0, cutmix_alpha=1.0)
-LOADERS = ("torchvision", "ffcv", "dali", "resident")
+LOADERS = ("torchvision", "ffcv", "dali", "resident", "transform")
+COUNTED_BATCHES = 8      # steady-state batches counted per loader and recipe
 
 
 def make_betons(source: str, images: int, folder: Path) -> dict[str, Path]:
@@ -53,15 +62,16 @@ def make_betons(source: str, images: int, folder: Path) -> dict[str, Path]:
     return out
 
 
-def measure(kind: str, beton: Path, augment: bool, batch: int, device: torch.device, workers: int) -> float:
-    """Images per second of one epoch after a warm-up epoch."""
+def build(kind: str, beton: Path, augment: bool, batch: int, device: torch.device, workers: int,
+          capture: str = "auto"):
+    """The loader the bench runs for `kind` (torchvision: the reference's PIL transforms in DataLoader workers)."""
     from engine.config import DataConfig, PerceptibilityConfig
     from loaders.factory import build_loader
     from loaders.sidecar import read_sidecar
 
     meta = read_sidecar(beton)
     data = DataConfig(dataset=meta["dataset"], train=str(beton), test=str(beton), loader=kind, batch_size=batch,
-                      num_workers=workers, **(FULL_RECIPE if augment else {}))
+                      num_workers=workers, capture_transform=capture, **(FULL_RECIPE if augment else {}))
     perceptibility = PerceptibilityConfig(enabled=True) if augment else None
     loader, _ = build_loader(data, True, 0, device, perceptibility=perceptibility)
     if kind == "torchvision":   # the reference repos' pipeline: PIL transforms in DataLoader workers
@@ -69,12 +79,77 @@ def measure(kind: str, beton: Path, augment: bool, batch: int, device: torch.dev
 
         loader = TorchvisionLoader(data.train, loader.plan, loader.transform, device, num_workers=workers,
                                    style="pil")
-    for _ in loader.epoch(0):
+    return loader
+
+
+def _replays(transform) -> int:
+    return sum(getattr(transform, name).replays for name in ("_recipe_graphs", "_finish_graphs")
+               if hasattr(transform, name))
+
+
+def count_device_work(kind: str, beton: Path, augment: bool, batch: int, workers: int) -> dict[str, float]:
+    """Per steady-state batch: launches (captured transform, replays counted 1), launches_eager, uploads,
+    blocking_copies, syncs; `counted_on` the device used (see the module docstring)."""
+    from bench.counting import DeviceWork
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "meta")
+    out: dict[str, float] = {"counted_on": device.type}
+    for capture in ("auto" if device.type == "cuda" else "emulate", "off"):
+        with DeviceWork():                                 # pinned memory emulated off a GPU, set-up uncounted
+            if kind == "transform":
+                loader = build("resident", beton, augment, batch, device, workers, capture)
+                batches = lambda e: _transform_batches(loader, e)   # noqa: E731
+            else:
+                loader = build(kind, beton, augment, batch, device, workers, capture)
+                batches = loader.epoch
+            for _ in batches(0):
+                pass
+            epoch = batches(1)
+            next(epoch)
+            before = _replays(loader.transform)
+            with DeviceWork() as work:
+                n = 0
+                for _ in epoch:
+                    n += 1
+                    if n == COUNTED_BATCHES:
+                        break
+            epoch.close()
+        figures = work.per_batch(n)
+        replays = (_replays(loader.transform) - before) / max(1, n)
+        if capture == "off":
+            out["launches_eager"] = figures["ops"] + replays
+        else:
+            out.update(launches=figures["ops"] + replays, uploads=figures["uploads"],
+                       blocking_copies=figures["blocking_copies"], syncs=figures["syncs"])
+        if hasattr(loader, "close"):
+            loader.close()
+    return out
+
+
+def _transform_batches(loader, epoch: int):
+    """The resident loader's batches with the gather left out: the transform on one device batch, again and again."""
+    per = loader.plan.per_rank_batch(1)
+    images, labels = loader.images[:per], loader.labels[:per]
+    index = torch.arange(per, device=loader.device)
+    repeats = torch.zeros(per, dtype=torch.int64, device=loader.device)
+    for _ in range(len(loader)):
+        yield loader.transform(images, labels, index, epoch, repeats)
+
+
+def measure(kind: str, beton: Path, augment: bool, batch: int, device: torch.device, workers: int) -> float:
+    """Images per second of one epoch after a warm-up epoch."""
+    if kind == "transform":
+        loader = build("resident", beton, augment, batch, device, workers)
+        batches = lambda e: _transform_batches(loader, e)   # noqa: E731
+    else:
+        loader = build(kind, beton, augment, batch, device, workers)
+        batches = loader.epoch
+    for _ in batches(0):
         pass
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0, count = time.perf_counter(), 0
-    for b in loader.epoch(1):
+    for b in batches(1):
         count += len(b)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -91,25 +166,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loaders", default=",".join(LOADERS), help="comma list of loaders to run")
     ap.add_argument("--out-dir", default=None, help="results folder (default bench/results)")
     ap.add_argument("--no-record", action="store_true", help="do not add lines to bench/results/README.md")
+    ap.add_argument("--no-counts", action="store_true",
+                    help="skip the per-batch launch / copy / sync counts (two more epochs per loader and recipe)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         betons = make_betons(args.source, args.images, Path(tmp))
         for kind in args.loaders.split(","):
+            if kind not in LOADERS:
+                ap.error(f"--loaders: unknown loader {kind!r} (choose from {', '.join(LOADERS)})")
             for augment in (True, False):
                 beton = betons["jpg" if kind == "dali" else "raw"]
                 rate = measure(kind, beton, augment, args.batch, device, args.workers)
-                rows.append({"variant": f"{kind} ({'full recipe' if augment else 'crop+flip'})", "loader": kind,
-                             "augment": "full" if augment else "crop+flip", "images_per_s": rate})
+                row = {"variant": f"{kind} ({'full recipe' if augment else 'crop+flip'})", "loader": kind,
+                       "augment": "full" if augment else "crop+flip", "images_per_s": rate}
+                if not args.no_counts:
+                    row.update(count_device_work(kind, beton, augment, args.batch, args.workers))
+                rows.append(row)
     base = {r["augment"]: r["images_per_s"] for r in rows if r["loader"] == "torchvision"}
     for r in rows:
         if r["augment"] in base:
             r["vs_reference"] = r["images_per_s"] / base[r["augment"]]
-    print_table(rows, ["variant", "images_per_s", "vs_reference"])
+    columns = ["variant", "images_per_s", "vs_reference"]
+    if not args.no_counts:
+        columns += ["launches", "launches_eager", "uploads", "blocking_copies", "syncs", "counted_on"]
+    print_table(rows, columns)
+    record = not args.no_record
     write_results("loaders", rows, "images_per_s", "variant", "img/s", out_dir=args.out_dir,
-                  record=not args.no_record, extra={"images": args.images, "batch": args.batch,
-                                                     "workers": args.workers, "source": args.source})
+                  record=record, extra={"images": args.images, "batch": args.batch,
+                                        "workers": args.workers, "source": args.source})
+    if record and not args.no_counts:
+        from bench.report import record_lines
+
+        record_lines(Path(args.out_dir) if args.out_dir else RESULTS,
+                     "loaders", [(f"{r['variant']}, per batch on {r['counted_on']}",
+                                  f"{r['launches']:.0f} launches ({r['launches_eager']:.0f} eager), "
+                                  f"{r['uploads']:.0f} uploads, {r['blocking_copies']:.0f} blocking, "
+                                  f"{r['syncs']:.0f} syncs") for r in rows],
+                     " ".join(["python -m bench", *sys.argv[1:]]))
     return 0
 
 

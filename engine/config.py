@@ -35,7 +35,9 @@ class DataConfig:
     batch_size: int = 128              # global batch (all ranks, one optimizer step, before accumulation split)
     eval_batch_size: int = 512
     num_workers: int = 2               # CPU decode workers (ffcv/dali/torchvision)
-    order: Literal["random", "quasi_random"] = "random"
+    order: Literal["random", "quasi_random"] = "random"  # training order, every loader alike: uniform permutations,
+                                                        # or FFCV's quasi-random one (few .beton pages open at a
+                                                        # time: for os_cache=false; loaders/order.py)
     os_cache: bool = True              # ffcv: memory-map the whole file (True) or process cache (False)
     resident_max_fraction: float = 0.5  # resident: use it when the set fits in this fraction of device memory
     drop_last: bool = True             # training: drop the last incomplete batch (each sample still seen <= once)
@@ -55,6 +57,9 @@ class DataConfig:
     # erasing fill: 'reference' = the dataset mean as fractions of 255 written into the normalized image (what the
     # reference repos do), 'const' = 0.0 (the mean after normalization, timm mode='const'), 'pixel' = N(0, 1) noise
     erasing_fill: Literal["reference", "const", "pixel"] = "reference"
+    # the augmentation after the keys as one CUDA graph per batch shape (loaders/transforms/captured.py): 'auto' on
+    # CUDA (bit-equal to eager, a handful of launches per batch), 'off' eager, 'emulate' its static buffers eagerly
+    capture_transform: Literal["auto", "off", "emulate"] = "auto"
     rand_augment_ops: int = 2          # auto_augment=rand: ops per image (torchvision RandAugment num_ops)
     rand_augment_magnitude: int = 9    # auto_augment=rand: magnitude bin 0..30 (torchvision, 31 bins)
     # DINO multi-crop views (METHODS.md B) into Batch.crops: 2 global at full size + `local_crops` at half size

@@ -1,7 +1,8 @@
 """Pick and build a loader from the data config: one call for training and one for evaluation.
 
 `data` is the run's data config, read by attribute (loaders never import engine). 'auto' means resident when the
-split fits in `data.resident_max_fraction` of device memory, else ffcv.
+split fits in `data.resident_max_fraction` of device memory, else ffcv. `data.order` (random / quasi_random) picks
+the training order for every loader alike (loaders.order); quasi_random reads the pages from the .beton.
 """
 from __future__ import annotations
 
@@ -70,8 +71,15 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
     global_batch = data.batch_size if train else data.eval_batch_size
     if not train:
         global_batch = min(global_batch, max(world_size, meta["num_images"] // world_size * world_size))
+    order = getattr(data, "order", "random")
+    pages = None
+    if train and order == "quasi_random":
+        from loaders.ffcv_loader import beton_pages
+
+        pages = beton_pages(path)
     plan = EpochPlan(num_samples=meta["num_images"], global_batch=global_batch, seed=seed,
-                     repeats=data.repeats if train else 1, shuffle=train, drop_last=data.drop_last if train else False)
+                     repeats=data.repeats if train else 1, shuffle=train, drop_last=data.drop_last if train else False,
+                     order=order, pages=pages)
     if train:
         transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last,
                                    num_classes=meta["num_classes"], label_smoothing=label_smoothing,

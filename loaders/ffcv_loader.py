@@ -13,13 +13,18 @@ import torch
 from loaders.batch import Batch
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
+from loaders.upload import upload
 
 
 def open_beton(path: str | Path, batch_size: int, num_workers: int = 1, os_cache: bool = True):
-    """An FFCV Loader yielding (uint8 (B, 3, H, W) CPU tensor, (B,) int labels) in the order we give it."""
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+    """An FFCV Loader yielding (uint8 (B, 3, H, W) CPU tensor, (B,) int labels) in the order we give it.
+
+    JPEG samples are decoded with the accurate IDCT (loaders.jpeg), the pixels PIL and DALI's CPU decoder give."""
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToTensor, ToTorchImage
+
+    from loaders.jpeg import accurate_rgb_decoder
 
     path = Path(path)
     if not path.is_file():
@@ -27,7 +32,7 @@ def open_beton(path: str | Path, batch_size: int, num_workers: int = 1, os_cache
     try:
         return Loader(str(path), batch_size=batch_size, num_workers=max(1, num_workers),
                       order=OrderOption.SEQUENTIAL, os_cache=os_cache, drop_last=False,
-                      pipelines={"image": [SimpleRGBImageDecoder(), ToTensor(), ToTorchImage()],
+                      pipelines={"image": [accurate_rgb_decoder(), ToTensor(), ToTorchImage()],
                                  "label": [IntDecoder(), ToTensor(), Squeeze()]})
     except Exception as exc:  # FFCV raises assorted errors (struct, value, key) on a bad header
         raise DatasetFileError(f"{path}: not a readable .beton ({type(exc).__name__}: {exc})") from None
@@ -49,6 +54,26 @@ def check_beton(path: str | Path, meta: dict) -> None:
         raise DatasetFileError(f"{path}: fields {fields}, expected image and label")
     if reader.num_samples != meta["num_images"]:
         raise DatasetFileError(f"{path}: holds {reader.num_samples} samples, its sidecar says {meta['num_images']}")
+
+
+def beton_labels(reader) -> np.ndarray:
+    """(N,) int64 labels of an open .beton (an ffcv Reader), from its metadata table (no decode)."""
+    return np.array(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
+
+
+def beton_pages(path: str | Path) -> np.ndarray:
+    """(N,) int64: the page of the .beton holding each sample's data (its first allocation), as FFCV's memory
+    managers and its quasi-random order count pages."""
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    table = reader.alloc_table
+    pages = np.full(reader.num_samples, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(pages, table["sample_id"].astype(np.int64),
+                  (table["ptr"] >> np.uint64(int(np.log2(reader.page_size)))).astype(np.int64))
+    if np.any(pages == np.iinfo(np.int64).max):
+        raise DatasetFileError(f"{path}: some samples have no data in the allocation table")
+    return pages
 
 
 def iterate_order(loader, order: np.ndarray) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -76,7 +101,12 @@ def read_all(path: str | Path, num_workers: int = 1, batch_size: int = 1024) -> 
 
 
 class FFCVLoader:
-    """Yields `Batch`es for one rank; `epoch(e, start_step)` restarts the plan anywhere in an epoch."""
+    """Yields `Batch`es for one rank; `epoch(e, start_step)` restarts the plan anywhere in an epoch.
+
+    Labels live on the device (read once from the .beton's metadata) and so does each epoch's order (one
+    upload per epoch): a batch's labels and index are slices there, and its images the one host-to-device copy,
+    staged in pinned memory and queued without waiting (loaders.upload).
+    """
 
     def __init__(self, path: str | Path, plan: EpochPlan, transform, device: torch.device, rank: int = 0,
                  world_size: int = 1, num_workers: int = 1, os_cache: bool = True):
@@ -86,16 +116,18 @@ class FFCVLoader:
         if self.loader.reader.num_samples != plan.num_samples:
             raise DatasetFileError(f"{path}: holds {self.loader.reader.num_samples} samples, "
                                    f"its sidecar says {plan.num_samples}")
+        self.labels = upload(torch.from_numpy(beton_labels(self.loader.reader)), device)
 
     def __len__(self) -> int:
         return self.plan.steps()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
         order = self.plan.rank_order(epoch, self.rank, self.world_size, start_step)
-        repeats = torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step))
+        on_device = upload(torch.from_numpy(order), self.device)
+        repeats = upload(torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step)),
+                         self.device)
         per = self.plan.per_rank_batch(self.world_size)
-        for i, (images, labels) in enumerate(iterate_order(self.loader, order)):
-            index = torch.from_numpy(order[i * per:i * per + len(labels)])
-            # copy=True: on the CPU .to() would hand out FFCV's reused label buffer, which a later batch overwrites
-            yield self.transform(images.to(self.device, non_blocking=True), labels.to(self.device, copy=True),
-                                 index.to(self.device), epoch, repeats[i * per:i * per + len(labels)].to(self.device))
+        for i, (images, _) in enumerate(iterate_order(self.loader, order)):
+            index = on_device[i * per:i * per + len(images)]
+            yield self.transform(upload(images, self.device, reused=True), self.labels[index], index, epoch,
+                                 repeats[i * per:i * per + len(images)])

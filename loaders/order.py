@@ -6,12 +6,76 @@ its r-th contiguous slice. With drop_last the tail shorter than G is dropped, so
 `repeats` times per epoch and every rank runs the same number of steps. The plan depends only on (seed, epoch,
 N, repeats, G), not on the worker count or on how many ranks share G, so a resumed run (at a global step) or a
 run with another world size at the same global batch sees exactly the same samples.
+
+`order='quasi_random'` is FFCV's quasi-random order (ffcv.traversal_order.QuasiRandom), for a .beton read through
+FFCV's process cache (`data.os_cache=false`: pages loaded on demand) where a uniform permutation would make every
+batch touch pages all over the file. `pages` (N,) gives each sample's page in the file; each pass shuffles the
+samples within each page, takes the pages in a random order into a window of at most `2 * global_batch` open
+pages (FFCV: 2 * batch size), and draws each next sample from a page chosen uniformly in the window, a page
+leaving it once all its samples are drawn. Still a permutation of 0..N-1 per pass, seeded by (seed, epoch) like
+the random one (its own draws, not FFCV's generator), so it resumes and shards exactly like it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+
+ORDERS = ("random", "quasi_random")
+
+
+def _draw_from_window(by_page: np.ndarray, page_starts: np.ndarray, page_sizes: np.ndarray, page_order: np.ndarray,
+                      picks: np.ndarray, window: int) -> np.ndarray:
+    """The quasi-random walk: samples grouped by page (`by_page`, page p at page_starts[p], page_sizes[p] long,
+    already shuffled within each page), pages entering the window in `page_order`, `picks` (N,) uniform [0, 1)
+    choosing the window slot of each next sample. Returns the (N,) order."""
+    out = np.empty(len(by_page), dtype=np.int64)
+    open_pages = np.empty(max(1, window), dtype=np.int64)
+    used = np.zeros(len(page_sizes), dtype=np.int64)
+    n_open = next_page = 0
+    for t in range(len(by_page)):
+        while next_page < len(page_order) and n_open < window:
+            page = page_order[next_page]
+            next_page += 1
+            if page_sizes[page] > 0:
+                open_pages[n_open] = page
+                n_open += 1
+        slot = min(int(picks[t] * n_open), n_open - 1)
+        page = open_pages[slot]
+        out[t] = by_page[page_starts[page] + used[page]]
+        used[page] += 1
+        if used[page] == page_sizes[page]:
+            n_open -= 1
+            open_pages[slot] = open_pages[n_open]
+    return out
+
+
+_jit_walk = None
+
+
+def _walk(*args) -> np.ndarray:
+    """_draw_from_window compiled with numba (FFCV's dependency) on first use: a Python loop over N otherwise."""
+    global _jit_walk
+    if _jit_walk is None:
+        from numba import njit
+
+        _jit_walk = njit(cache=False, nogil=True)(_draw_from_window)
+    return _jit_walk(*args)
+
+
+def quasi_random_permutation(pages: np.ndarray, rng: np.random.Generator, window: int) -> np.ndarray:
+    """(N,) int64 permutation of 0..N-1 in FFCV's quasi-random order over the page of each sample `pages` (N,),
+    at most `window` pages open at a time (see the module docstring)."""
+    pages = np.asarray(pages, dtype=np.int64)
+    _, page_ids = np.unique(pages, return_inverse=True)
+    page_ids = page_ids.astype(np.int64)
+    n_pages = int(page_ids.max()) + 1 if len(page_ids) else 0
+    by_page = np.lexsort((rng.random(len(pages)), page_ids)).astype(np.int64)   # by page, shuffled within
+    page_sizes = np.bincount(page_ids, minlength=n_pages).astype(np.int64)
+    page_starts = np.concatenate([[0], np.cumsum(page_sizes)[:-1]]).astype(np.int64)
+    return _walk(by_page, page_starts, page_sizes, rng.permutation(n_pages).astype(np.int64), rng.random(len(pages)),
+                 int(window))
 
 
 @dataclass(frozen=True)
@@ -22,12 +86,25 @@ class EpochPlan:
     repeats: int = 1
     shuffle: bool = True
     drop_last: bool = True
+    order: str = "random"                     # 'random' or 'quasi_random' (needs `pages`); shuffle=True only
+    pages: Optional[np.ndarray] = field(default=None, compare=False, repr=False)   # (N,) page of each sample
+
+    def __post_init__(self):
+        if self.order not in ORDERS:
+            raise ValueError(f"data.order: expected one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.order == "quasi_random" and self.shuffle:
+            if self.pages is None or len(self.pages) != self.num_samples:
+                raise ValueError("data.order=quasi_random needs the page of each of the "
+                                 f"{self.num_samples} samples (a .beton's allocation table)")
 
     def permutation(self, epoch: int) -> np.ndarray:
         """(repeats * N,) int64 sample indices for `epoch`, in global order."""
         if not self.shuffle:
             return np.tile(np.arange(self.num_samples, dtype=np.int64), self.repeats)
         rng = np.random.Generator(np.random.Philox(key=[self.seed & 0xFFFFFFFFFFFFFFFF, epoch]))
+        if self.order == "quasi_random":
+            window = 2 * self.global_batch
+            return np.concatenate([quasi_random_permutation(self.pages, rng, window) for _ in range(self.repeats)])
         return np.concatenate([rng.permutation(self.num_samples) for _ in range(self.repeats)]).astype(np.int64)
 
     def steps(self) -> int:

@@ -7,9 +7,10 @@ The decode calls run in order on one thread (they may hold a non-thread-safe obj
 the consumer receives the results in the same order. A decode error is raised in the consumer at the chunk that
 failed. Closing the iterator early (a `break`, a generator closed mid-epoch) stops the thread after its current
 chunk and waits for it, so the next epoch can use the same pipeline; an iterator neither exhausted nor closed
-keeps its (daemon) thread waiting, so owners close it (the DALI loader does when its epoch generator ends or
-when the next epoch starts). DALI's decode work runs in its own threads
-and releases the GIL, so the decode of chunk n+1 overlaps the consumer's work on chunk n.
+keeps its (daemon) thread waiting, so owners close it (the DALI loader does when its epoch generator ends, when
+the next epoch starts and when the loader is closed). The decode callable must not hold the iterator's owner (a
+reference cycle). DALI's decode work runs in its own threads and releases the GIL, so the decode of chunk n+1
+overlaps the consumer's work on chunk n.
 
 On CUDA the producer thread runs on its own current stream (the default one); each result carries an event the
 consumer's current stream waits on, and the tensor is recorded on the consumer's stream for the caching allocator.

@@ -1,7 +1,7 @@
 """GPU-resident loader: the whole uint8 split copied once to device memory and indexed per batch.
 
-No worker processes, no per-batch host work but an index copy: at CIFAR size the device gathers and transforms
-a batch in microseconds. Used by default when the split fits in `max_fraction` of free device memory.
+No worker processes, no per-batch host work or copy (the epoch's order is uploaded once per epoch): at CIFAR
+size the device gathers and transforms a batch in microseconds. Used by default when the split fits in `max_fraction` of free device memory.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from loaders.batch import Batch
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
+from loaders.upload import upload
 
 
 def fits_on_device(nbytes: int, device: torch.device, max_fraction: float) -> tuple[bool, str]:
@@ -51,9 +52,10 @@ class ResidentLoader:
         return self.plan.steps()
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
-        order = torch.from_numpy(self.plan.rank_order(epoch, self.rank, self.world_size, start_step))
-        order = order.to(self.device)
-        repeats = torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step)).to(self.device)
+        order = upload(torch.from_numpy(self.plan.rank_order(epoch, self.rank, self.world_size, start_step)),
+                       self.device)
+        repeats = upload(torch.from_numpy(self.plan.rank_repeats(self.rank, self.world_size, start_step)),
+                         self.device)
         per = self.plan.per_rank_batch(self.world_size)
         for start in range(0, len(order), per):
             index = order[start:start + per]

@@ -25,6 +25,7 @@ from loaders.convert.imagefolder import image_folder_files  # the converter's li
 from loaders.order import EpochPlan
 from loaders.sidecar import DatasetFileError
 from loaders.transforms.pipeline import EvalTransform, TrainTransform
+from loaders.upload import upload
 
 
 def augment_one(image: torch.Tensor, key: torch.Tensor, data) -> torch.Tensor:
@@ -142,11 +143,8 @@ class _PlanBatches:
 
 
 def _collate(items):
-    images = torch.stack([it[0] for it in items])
-    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    index = torch.tensor([it[2] for it in items], dtype=torch.int64)
-    repeat = torch.tensor([it[3] for it in items], dtype=torch.int64)
-    return images, labels, index, repeat
+    """The images only: labels, index and repeat are slices of the epoch's arrays already on the device."""
+    return torch.stack([it[0] for it in items])
 
 
 class TorchvisionLoader:
@@ -176,6 +174,7 @@ class TorchvisionLoader:
                                       "views; use the resident, ffcv or dali loader")
         self.plan, self.transform, self.device = plan, transform, device
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.device_labels = upload(torch.from_numpy(self.labels), device)
 
     def __len__(self) -> int:
         return self.plan.steps()
@@ -191,12 +190,16 @@ class TorchvisionLoader:
         loader = DataLoader(dataset, batch_sampler=_PlanBatches(order, repeats, keys, self.plan.per_rank_batch(
             self.world_size)), num_workers=self.num_workers, collate_fn=_collate,
             pin_memory=self.device.type == "cuda")
-        for images, labels, index, repeat in loader:
-            images = images.to(self.device, non_blocking=True)
-            labels, index = labels.to(self.device), index.to(self.device)
+        on_device = upload(torch.from_numpy(order), self.device)          # the epoch's order and repeats: one
+        repeats_on_device = upload(torch.from_numpy(repeats), self.device)  # upload each, then device slices
+        per = self.plan.per_rank_batch(self.world_size)
+        for step, images in enumerate(loader):
+            images = upload(images, self.device)
+            index = on_device[step * per:step * per + len(images)]
+            labels = self.device_labels[index]
             t = self.transform
             if isinstance(t, TrainTransform):
-                repeat = repeat.to(self.device)
+                repeat = repeats_on_device[step * per:step * per + len(images)]
                 keys = t.keys(index, epoch, repeat)
                 yield t.finish(images, labels, index, keys, t.batch_key(index, epoch, repeat), {})
             elif isinstance(t, EvalTransform):

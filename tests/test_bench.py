@@ -28,6 +28,11 @@ def test_bench_loaders_tiny(tmp_path):
                                                    "resident (full recipe)", "resident (crop+flip)"])
     assert rows[0]["vs_reference"] == pytest.approx(1.0)
     assert not (tmp_path / "README.md").exists()
+    for r in rows:                       # per batch, counted on the meta device here (on CUDA where there is one)
+        assert r["counted_on"] in ("meta", "cuda") and r["blocking_copies"] == 0 and r["syncs"] == 0
+        assert r["uploads"] == (0 if r["loader"] == "resident" else 1)
+    full = {r["loader"]: r for r in rows if r["augment"] == "full"}
+    assert full["resident"]["launches"] <= 100 < full["resident"]["launches_eager"]
 
 
 def test_bench_train_tiny(tmp_path):

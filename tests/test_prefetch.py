@@ -123,3 +123,70 @@ def test_dali_epoch_left_early_leaves_no_stale_batch(jpg_beton):
     assert [b.index.tolist() for b in got] == [b.index.tolist() for b in want]
     assert all(torch.equal(x.images, y.images) for x, y in zip(got, want))
     unfinished.close()
+
+
+@pytest.mark.parametrize("prefetch", [2, 0])
+def test_a_dali_loader_is_freed_when_dropped_and_its_pipeline_when_closed(jpg_beton, prefetch):
+    """No reference cycle: with the cycle collector off, dropping a loader mid-epoch (its decode thread running)
+    frees it and its pipeline; close() frees the pipeline at once and stops the thread; a closed loader refuses."""
+    import gc
+    import weakref
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        loader = _dali(jpg_beton, prefetch)
+        batches = loader.epoch(0)
+        next(batches)
+        thread = loader._active._thread if prefetch else None
+        gone, pipe_gone = weakref.ref(loader), weakref.ref(loader.decoder.pipe)
+        del loader, batches
+        assert gone() is None and pipe_gone() is None
+        assert thread is None or not thread.is_alive()
+
+        loader = _dali(jpg_beton, prefetch)
+        batches = loader.epoch(0)
+        next(batches)
+        pipe_gone = weakref.ref(loader.decoder.pipe)
+        loader.close()
+        assert pipe_gone() is None
+        with pytest.raises(RuntimeError, match="closed"):
+            list(batches)
+        with pytest.raises(RuntimeError, match="closed"):
+            next(loader.epoch(1))
+        with _dali(jpg_beton, prefetch) as other:
+            pipe_gone = weakref.ref(other.decoder.pipe)
+            assert len(list(other.epoch(0))) == len(other)
+        assert pipe_gone() is None
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+@pytest.mark.parametrize("order", ["dali,torchvision", "torchvision,dali"])
+def test_bench_loaders_ends_with_dali_before_or_after_forked_workers(tmp_path, order):
+    """A discarded DALI loader used to stay alive in a reference cycle until the cycle collector first ran, in a
+    forked DataLoader worker, where DALI's shutdown waits forever: `bench loaders --loaders dali,torchvision`
+    hung. Both orders must end (in a fresh process: the hang needs fork after DALI)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("nvidia.dali")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "bench", "loaders", "--source", "", "--images", "64", "--batch", "16",
+           "--workers", "2", "--loaders", order, "--out-dir", str(tmp_path), "--no-record"]
+    log = tmp_path / "bench.log"
+    with log.open("w") as out:      # a file, not a pipe: a hung worker would hold a pipe open after the kill
+        proc = subprocess.Popen(cmd, cwd=root, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)     # the bench and its DataLoader workers
+            proc.wait()
+            pytest.fail(f"`{' '.join(cmd[1:])}` did not end within 180 s")
+    text = log.read_text()
+    assert rc == 0, text[-2000:]
+    assert "dali (full recipe)" in text and "torchvision (full recipe)" in text

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from loaders.transforms.autoaugment import blend, contrast, rgb_to_grayscale, saturation, solarize
-from loaders.transforms.rng import sample_keys, uniform
+from loaders.transforms.rng import keys_for, uniform
 from loaders.transforms.sync_free import per_image, use_sync_free
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -207,18 +207,22 @@ class MultiCrop:
             x = torch.where((u[:, 13] < solarize_p)[:, None, None, None], sol, x)
         return x
 
+    def view_keys(self, seed: int, epoch: int, index: torch.Tensor, repeat: Optional[torch.Tensor] = None
+                  ) -> list[torch.Tensor]:
+        """The keys (B,) of each view, view v from sample_keys(seed, epoch, index, view=1 + v) + the repeats."""
+        return [keys_for(seed, epoch, index, 1 + v, repeat) for v in range(2 + self.local_crops)]
+
+    def views(self, images: torch.Tensor, keys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The views cut with the given per-view keys (view_keys): [global_1, global_2, local_1..local_n]."""
+        views = [self.view(images, keys[0], self.global_size, self.global_scale, 1.0, 0.0),
+                 self.view(images, keys[1], self.global_size, self.global_scale, 0.1, 0.2)]
+        for v in range(self.local_crops):
+            views.append(self.view(images, keys[2 + v], self.local_size, self.local_scale, 0.5, 0.0))
+        return views
+
     def __call__(self, images: torch.Tensor, seed: int, epoch: int, index: torch.Tensor,
                  repeat: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
-        from loaders.transforms.pipeline import repeat_keys
-
-        def keys(v: int) -> torch.Tensor:
-            return repeat_keys(sample_keys(seed, epoch, index, view=1 + v), repeat)
-
-        views = [self.view(images, keys(0), self.global_size, self.global_scale, 1.0, 0.0),
-                 self.view(images, keys(1), self.global_size, self.global_scale, 0.1, 0.2)]
-        for v in range(self.local_crops):
-            views.append(self.view(images, keys(2 + v), self.local_size, self.local_scale, 0.5, 0.0))
-        return views
+        return self.views(images, self.view_keys(seed, epoch, index, repeat))
 
 
 @lru_cache(maxsize=8)

@@ -16,6 +16,10 @@ Crop and flip commute in distribution with each other, so their order among them
 comes before mixing as in the reference (erasing after mixing would erase both mixed images' content at once).
 DINO multi-crop views (optional) are cut from the decoded uint8 images before any of the above, into Batch.crops.
 
+Launches: the keys are a few fused hash ops (loaders.transforms.rng), made per batch from the host's epoch number;
+everything after them is one body of tensors in, tensors out, which on CUDA is captured as a CUDA graph per batch
+shape and replayed (loaders.transforms.captured; data.capture_transform), with outputs bit-equal to the eager call.
+
 Repeated augmentation: an epoch of the plan holds each sample `repeats` times; the loader passes each sample's
 repeat number (0..repeats-1) and it is hashed into the keys, so every repeat draws fresh augmentation. Repeat 0
 keeps the plain (seed, epoch, index) keys.
@@ -29,21 +33,14 @@ import torch
 from loaders.batch import Batch
 from loaders.transforms import autoaugment_reference
 from loaders.transforms.autoaugment import auto_augment, rand_augment
+from loaders.transforms.captured import CapturedTransform
 from loaders.transforms.basic import normalize, random_crop, random_flip
 from loaders.transforms.erasing import random_erase
 from loaders.transforms.mixing import mix_batch
 from loaders.transforms.perceptibility import translate_scale
-from loaders.transforms.rng import hash32, sample_keys
+from loaders.transforms.rng import keys_for, repeat_keys  # noqa: F401  (repeat_keys re-exported)
 
 MIX_VIEW = 0x4D4958          # the batch key's view: separate from every per-sample stream
-
-
-def repeat_keys(keys: torch.Tensor, repeat: Optional[torch.Tensor]) -> torch.Tensor:
-    """Fold the repeat number (B,) into the keys; repeat 0 (or None) leaves them unchanged."""
-    if repeat is None:
-        return keys
-    repeat = repeat.to(keys.device, torch.int64)
-    return torch.where(repeat == 0, keys, hash32(keys ^ hash32(repeat * 0x27D4EB2F + 0x165667B1)))
 
 
 class EvalTransform:
@@ -111,15 +108,17 @@ class TrainTransform(EvalTransform):
             from loaders.transforms.multicrop import MultiCrop
 
             self.multicrop = MultiCrop.from_config(data)
+        capture = getattr(data, "capture_transform", "auto")
+        self._recipe_graphs = CapturedTransform(self._recipe_body, capture)
+        self._finish_graphs = CapturedTransform(self._finish_body, capture)
 
     def keys(self, index: torch.Tensor, epoch: int, repeat: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) per-sample keys for `index` (B,) at `epoch`, each repeat of a sample with its own stream."""
-        return repeat_keys(sample_keys(self.seed, epoch, index), repeat)
+        return keys_for(self.seed, epoch, index, 0, repeat)
 
     def batch_key(self, index: torch.Tensor, epoch: int, repeat: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(1,) key of the whole batch (mixing), from its first sample: the plan fixes which sample that is."""
-        key = sample_keys(self.seed, epoch, index[:1], view=MIX_VIEW)
-        return repeat_keys(key, None if repeat is None else repeat[:1])
+        return keys_for(self.seed, epoch, index[:1], MIX_VIEW, None if repeat is None else repeat[:1])
 
     def augment_uint8(self, images: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The per-image uint8 stage: pad-crop, flip, AutoAugment/RandAugment, batched."""
@@ -139,37 +138,66 @@ class TrainTransform(EvalTransform):
             params["augment_op"] = aa["op"]
         return images, params
 
-    def finish(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
-               batch_key: torch.Tensor, params: dict, crops: Optional[list] = None) -> Batch:
-        """The batch stage on augmented uint8 images: normalize, erase, mix, perceptibility, layout."""
+    def _finish_tensors(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
+                        batch_key: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
+        """The batch stage (normalize, erase, mix, perceptibility, layout) as a flat dict: 'images', optional
+        'soft_labels' and 'transformed', and 'p_<name>' for each params entry (`params` first, in order)."""
         d = self.data
-        self._stats_on(images.device)
-        labels = labels.to(torch.int64)
         x = normalize(images, self.mean, self.std, torch.float32)
         if d.erasing_prob > 0:
             x, params["erase"] = random_erase(x, keys, d.erasing_prob, getattr(d, "erasing_fill", "reference"),
                                               self.mean)
-        soft = None
+        out: dict[str, torch.Tensor] = {}
         if self.mixing:
-            x, soft, mix = mix_batch(x, labels, batch_key, self.num_classes, d.mixup_alpha, d.cutmix_alpha,
-                                     d.mix_prob, 0.5, self.label_smoothing)
+            x, out["soft_labels"], mix = mix_batch(x, labels, batch_key, self.num_classes, d.mixup_alpha,
+                                                   d.cutmix_alpha, d.mix_prob, 0.5, self.label_smoothing)
             params.update(mix)
-        transformed = None
         if self.perceptibility is not None:
             p = self.perceptibility
             transformed, tparams = translate_scale(x, keys, p.kind, p.max_shift, p.scale_min, p.scale_max, p.fill)
             params.update(tparams)
-            transformed = self.layout(transformed)
-        return Batch(images=self.layout(x), labels=labels, index=index, soft_labels=soft, params=params,
-                     transformed=transformed, crops=crops)
+            out["transformed"] = self.layout(transformed)
+        out["images"] = self.layout(x)
+        out.update({f"p_{k}": v for k, v in params.items()})
+        return out
+
+    def _finish_body(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
+                     batch_key: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self._finish_tensors(images, labels, keys, batch_key, {})
+
+    def _recipe_body(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, batch_key: torch.Tensor,
+                     *view_keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything after the keys: multi-crop views ('crop<i>'), the uint8 stage, the batch stage."""
+        out: dict[str, torch.Tensor] = {}
+        if self.multicrop is not None:
+            for i, view in enumerate(self.multicrop.views(images, list(view_keys))):
+                out[f"crop{i}"] = self.layout(normalize(view, self.mean, self.std, torch.float32))
+        images, params = self.augment_uint8(images, keys)
+        out.update(self._finish_tensors(images, labels, keys, batch_key, params))
+        return out
+
+    @staticmethod
+    def _batch(out: dict[str, torch.Tensor], labels: torch.Tensor, index: torch.Tensor, params: dict,
+               crops: Optional[list] = None) -> Batch:
+        views = [out[f"crop{i}"] for i in range(sum(k.startswith("crop") for k in out))]
+        params = {**params, **{k[2:]: v for k, v in out.items() if k.startswith("p_")}}
+        return Batch(images=out["images"], labels=labels, index=index, soft_labels=out.get("soft_labels"),
+                     params=params, transformed=out.get("transformed"), crops=views or crops)
+
+    def finish(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
+               batch_key: torch.Tensor, params: Optional[dict] = None, crops: Optional[list] = None) -> Batch:
+        """The batch stage on augmented uint8 images: normalize, erase, mix, perceptibility, layout (captured on
+        CUDA: loaders.transforms.captured). `params` (the uint8 stage's draws) lead Batch.params."""
+        self._stats_on(images.device)
+        labels = labels.to(torch.int64)
+        return self._batch(self._finish_graphs(images, labels, keys, batch_key), labels, index, params or {}, crops)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, epoch: int = 0,
                  repeat: Optional[torch.Tensor] = None) -> Batch:
+        """The whole recipe: the keys (a few fused hash launches), then everything else (captured on CUDA)."""
+        self._stats_on(images.device)
+        labels = labels.to(torch.int64)
         keys = self.keys(index, epoch, repeat)
-        crops = None
-        if self.multicrop is not None:
-            self._stats_on(images.device)
-            crops = [self.layout(normalize(v, self.mean, self.std, torch.float32))
-                     for v in self.multicrop(images, self.seed, epoch, index, repeat)]
-        images, params = self.augment_uint8(images, keys)
-        return self.finish(images, labels, index, keys, self.batch_key(index, epoch, repeat), params, crops)
+        view_keys = [] if self.multicrop is None else self.multicrop.view_keys(self.seed, epoch, index, repeat)
+        out = self._recipe_graphs(images, labels, keys, self.batch_key(index, epoch, repeat), *view_keys)
+        return self._batch(out, labels, index, {})
