@@ -1,20 +1,22 @@
 # The two commands a fresh machine needs (both install everything first, idempotently):
 #   make demo   convert the embedded digits set and train the reference ViT + drloc on it
 #   make test   run the test suite (what CI runs, through .ci/run)
-# Also: make lock (after a change to requirements-cpu.txt or requirements-nodeps.txt).
+# Also: make gpu-bundle (what a lent GPU machine needs, for bench/gpu_check.sh), make lock (after a change to
+# requirements-cpu.txt or requirements-nodeps.txt).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-cpu
 LOCK := requirements-cpu.lock
+BUNDLE := .gpu-bundle
 # build-essential and python3-dev: ffcv and DeepSpeed compile C++ (at install, and DeepSpeed's ops at run time);
 # FFCV builds against libturbojpeg and OpenCV. Fashion-MNIST is a second real dataset, for the tests only.
 APT_PACKAGES := build-essential python3-dev pkg-config libturbojpeg0-dev libopencv-dev
 APT_TEST_PACKAGES := dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean lock test-packages
+.PHONY: setup demo test bench clean lock gpu-bundle test-packages
 
 # $(call apt_install,PACKAGES): install the Debian packages of the list that are missing.
 define apt_install
@@ -51,6 +53,10 @@ test: setup test-packages
 
 bench: setup
 	$(VENV)/bin/smallvit bench all
+
+# Everything the GPU machine lacks for bench/gpu_check.sh, in $(BUNDLE)/ (ignored; carry it on the device call).
+gpu-bundle: setup
+	$(PY) -m bench.gpu_bundle build --out $(BUNDLE)
 
 # A fresh venv from the top-level requirements, frozen: every package at the version it resolved to.
 lock:
