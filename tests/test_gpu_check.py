@@ -131,6 +131,25 @@ def test_targets_are_read_from_the_stage_results(tmp_path):
     assert gpu_check.evaluate_targets(tmp_path / "none", {}) == []
 
 
+def test_the_real_runs_overrides_are_the_recipe_with_valid_keys():
+    """Both modes' overrides load over the recipe (a renamed key would stop the GPU run only on the GPU): the GPU's
+    run is the ViT + drloc recipe at batch 1024, bf16, graphed; the dry run's a 1-block CPU model."""
+    from engine.config import load_config
+
+    recipe = REPO / "configs" / "cifar10_vit_drloc.yaml"
+    gpu = load_config(str(recipe), list(gpu_check.REAL_RUN_GPU))
+    assert (gpu.data.batch_size, gpu.engine.precision, gpu.engine.graph_step, gpu.tasks.drloc.enabled) == \
+        (1024, "bf16", "on", True)
+    assert gpu.model.name == "vit_cifar" and gpu.data.auto_augment == "cifar10" and gpu.engine.zero_stage == 0
+    import torch
+
+    from engine.graphed_step import config_fallback_reason
+
+    assert config_fallback_reason(gpu, 1, torch.device("cuda"), 50_000) is None   # captured there, not a fallback
+    dry = load_config(str(recipe), list(gpu_check.REAL_RUN_DRY))
+    assert (dry.model.depth, dry.engine.device, dry.engine.graph_step) == (1, "cpu", "emulate")
+
+
 # ---------------------------------------------------------------------------------------------- what to carry
 def _walk(roots, image, dists):
     return carry_list(roots, image, lambda n: dists[n][1], lambda n: dists[n][0] if n in dists else None)
