@@ -1,4 +1,4 @@
-"""`python -m bench loaders|heads|train|convert|ssl|all [options]` (also `smallvit bench ...`).
+"""`python -m bench loaders|heads|train|convert|ssl|gpu-check|all [options]` (also `smallvit bench ...`).
 
 Each bench measures its competing variants side by side in one process and one run, prints a table, and writes a
 JSON (with the environment), a bar chart PNG and a markdown line per figure in bench/results/.
@@ -13,7 +13,9 @@ BENCHES = {
     "train": "bench.train",            # end-to-end step vs model-only ceiling vs the reference pipeline
     "convert": "bench.convert_speed",  # .beton conversion speed, raw vs JPEG
     "ssl": "bench.ssl",                # DINO pretraining: k-NN vs random init; fine-tune vs scratch (accuracy)
+    "gpu-check": "bench.gpu_check",    # every GPU stage in one call, from the GPU bundle (also bench/gpu_check.sh)
 }
+NOT_IN_ALL = ("ssl", "gpu-check")      # ssl trains; gpu-check installs a bundle and runs the others itself
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, module in BENCHES.items():
             print(f"  {name:8s} {module}   (python -m bench {name} --help)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    names = [n for n in BENCHES if n != "ssl"] if argv[0] == "all" else [argv[0]]   # ssl trains: not in "all"
+    names = [n for n in BENCHES if n not in NOT_IN_ALL] if argv[0] == "all" else [argv[0]]
     rc = 0
     for name in names:
         print(f"== bench {name}")
