@@ -21,7 +21,7 @@ function of (seed, image index in the batch, pair index), identical on both back
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import nn
@@ -48,25 +48,36 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 class HeadParams:
     """The drloc head's weights in nn.Linear layout: w (out, in), b (out,).
 
-    w1 (H, 2C), b1 (H,): first Linear on concat(e_i, e_j); w2 (H, H), b2 (H,): second Linear;
-    out: [(w (2, H), b (2,))] for l1, [(w_rows (n, H), b_rows), (w_cols (n, H), b_cols)] for ce/cbr.
+    w1 (H, 2C), b1 (H,): first Linear on concat(e_i, e_j); w2 (H, H), b2 (H,): second Linear (ReLU after both);
+    out: [(w (2, H), b (2,))] for l1, [(w_rows (n, H), b_rows), (w_cols (n, H), b_cols)] for ce/cbr;
+    w3 (H, H), b3 (H,): ce/cbr only, the shared third Linear before the two outputs (C's `layers.4`), no ReLU.
     """
     w1: torch.Tensor
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
     out: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    w3: Optional[torch.Tensor] = None
+    b3: Optional[torch.Tensor] = None
+
+    @property
+    def shared(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(w3, b3), or None (l1)."""
+        return None if self.w3 is None else (self.w3, self.b3)
 
     @classmethod
-    def from_linears(cls, first: nn.Linear, second: nn.Linear, outs: Sequence[nn.Linear]) -> "HeadParams":
-        return cls(first.weight, first.bias, second.weight, second.bias, tuple((o.weight, o.bias) for o in outs))
+    def from_linears(cls, first: nn.Linear, second: nn.Linear, outs: Sequence[nn.Linear],
+                     shared: Optional[nn.Linear] = None) -> "HeadParams":
+        return cls(first.weight, first.bias, second.weight, second.bias, tuple((o.weight, o.bias) for o in outs),
+                   None if shared is None else shared.weight, None if shared is None else shared.bias)
 
     @classmethod
     def from_module(cls, head: nn.Module) -> "HeadParams":
-        """From engine.tasks.drloc.DrlocHead (`layers` = Linear ReLU Linear [ReLU Linear], `unshared` or None)."""
+        """From engine.tasks.drloc.DrlocHead (`layers` = Linear ReLU Linear ReLU Linear, `unshared` or None)."""
         layers = head.layers
-        outs = [layers[4]] if getattr(head, "unshared", None) is None else list(head.unshared)
-        return cls.from_linears(layers[0], layers[2], outs)
+        if getattr(head, "unshared", None) is None:
+            return cls.from_linears(layers[0], layers[2], [layers[4]])
+        return cls.from_linears(layers[0], layers[2], list(head.unshared), shared=layers[4])
 
 
 def drloc_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int | torch.Tensor,
@@ -108,6 +119,9 @@ def _check(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: t
     if len(params.out) != (1 if mode == "l1" else 2):
         raise ValueError(f"drloc mode {mode!r} needs {1 if mode == 'l1' else 2} output Linear(s), "
                          f"got {len(params.out)}")
+    if (params.w3 is None) != (mode == "l1") or (params.w3 is None) != (params.b3 is None):
+        raise ValueError(f"drloc mode {mode!r} {'takes no' if mode == 'l1' else 'needs the'} shared third Linear "
+                         f"(HeadParams.w3/b3: C's layers.4, ce and cbr only)")
 
 
 def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: torch.Tensor,
@@ -118,7 +132,7 @@ def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, 
     out = list(params.out)
     if resolve_backend(backend, tokens.device) == "torch":
         pred = ref.pairwise_head(ref.gather_pairs(tokens, p_i, p_j), params.w1, params.b1, params.w2, params.b2,
-                                 out, final_relu=(mode == "l1"))
+                                 out, shared=params.shared)
         if mode == "l1":
             return ref.l1_loss(pred[0], target)
         loss_fn = ref.ce_loss if mode == "ce" else ref.cbr_loss
@@ -130,4 +144,4 @@ def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, 
 def _triton_pair_loss(tokens, p_i, p_j, target, params, out, mode):
     kernels = load_kernels(_SOURCE, tokens.device, "drloc_pair_loss")
     return fused_pair_loss(tokens, p_i, p_j, target, params.w1, params.b1, params.w2, params.b2, out, mode,
-                           ops=kernels)
+                           ops=kernels, shared=params.shared)

@@ -35,17 +35,20 @@ def gather_pairs(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor) -> 
 
 
 def pairwise_head(pairs: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                  out_weights: list[tuple[torch.Tensor, torch.Tensor]], final_relu: bool) -> list[torch.Tensor]:
-    """The drloc MLP on (B, m, 2C) pairs: Linear(2C,H) ReLU Linear(H,H) [ReLU] then each output Linear.
+                  out_weights: list[tuple[torch.Tensor, torch.Tensor]],
+                  shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The drloc MLP on (B, m, 2C) pairs (C's DenseRelativeLoc): Linear(2C,H) ReLU Linear(H,H) ReLU, then
+    [the shared Linear(H,H), no ReLU,] then each output Linear.
 
-    l1 mode: final_relu=True and one output Linear(H, 2) -> [(B, m, 2)].
-    ce/cbr:  final_relu=False and two output Linear(H, n) -> [(B, m, n) rows, (B, m, n) cols].
+    l1 mode: shared=None and one output Linear(H, 2) -> [(B, m, 2)].
+    ce/cbr:  shared=(w3 (H, H), b3 (H,)) (C's `layers.4`) and two output Linear(H, n) -> [(B, m, n) rows,
+             (B, m, n) cols].
     Weights follow nn.Linear: w (out, in), b (out,).
     """
     h = F.relu(F.linear(pairs, w1, b1))
-    h = F.linear(h, w2, b2)
-    if final_relu:
-        h = F.relu(h)
+    h = F.relu(F.linear(h, w2, b2))
+    if shared is not None:
+        h = F.linear(h, *shared)
     return [F.linear(h, w, b) for w, b in out_weights]
 
 
