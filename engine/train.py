@@ -178,9 +178,9 @@ def _train(cfg: Config) -> dict:
     except ValueError as exc:   # an option the model does not define (e.g. model.init=d on swin)
         raise ConfigError(str(exc)) from None
     init_pos_embed(model, cfg.model.pos_embed_init)
-    if cfg.model.finetune_from:   # by name; report logged and written to out_dir/finetune_load.json
-        load_finetune_weights(model, cfg.model, out_dir, rt.is_main)
     tasks = build_tasks(cfg, model.embed_dim, model.grid_size)
+    if cfg.model.finetune_from:   # by name, into the model and the task heads; report in out_dir/finetune_load.json
+        load_finetune_weights(model, cfg.model, out_dir, rt.is_main, tasks=tasks)
     module = TrainModule(model, tasks, cfg.optim.label_smoothing)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -14,6 +14,7 @@ from torch import nn
 from engine.models import create_model
 from engine.models.cait_d import DTalkingHeadAttention
 from engine.models.options import block_drop_path_rates
+from engine.models.pretrained import load_backbone_weights
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "reference_d.json"
 D_VIT = dict(qkv_bias=False, norm_eps=1e-5, drop_path_schedule="constant", init="d")   # D's ViT as vit_* options
@@ -63,6 +64,20 @@ def build(case: str, **kw) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------ D's networks
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_d_state_dict_loads_by_the_name_map_and_gives_ds_logits(figures, case):
+    """D's whole state dict renames onto ours (nothing missing, unexpected or mismatched), and on the same
+    weights and input our forward equals D's (its logits recorded by make_reference_d.py)."""
+    want = figures["cases"][case]
+    model = build(case, drop_path=0.1).eval()
+    report = load_backbone_weights(model, reference_weights(want["state_dict"]))
+    assert (report.missing, report.unexpected, report.mismatched) == ([], [], []), report.summary()
+    assert report.references == ["D"] and len(report.renamed) == len(want["state_dict"]) - 1   # cls_token as is
+    with torch.no_grad():
+        logits = model(reference_input(32))
+    torch.testing.assert_close(logits, torch.tensor(want["logits"]), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_parameter_counts_equal_ds(figures, case):
     assert count(build(case)) == figures["cases"][case]["params"]
