@@ -78,6 +78,9 @@ class ModelConfig:
     drop_path_schedule: Literal["reference", "linear", "constant"] = "reference"  # per-block drop-path rates:
                                        # linear 0 -> drop_path (B's ViT/Swin), or drop_path in every block (D; CaiT)
     init: Literal["reference", "timm", "b", "d"] = "reference"  # timm's own init, B's code's, or D's code's
+    lsa_reference_diagonal: Literal["reference", True, False] = "reference"  # CaiT + LSA only: true = D's CaiT
+                                       # code, whose diagonal "mask" writes -1e-9 (no mask); false = masked (-inf)
+                                       # as METHODS.md D states LSA (cait_d_*: true, cait_*: false)
     # fine-tune stage of the self-supervised method (METHODS.md B): backbone weights loaded by name before training
     # (engine.models.pretrained.load_finetune_weights: every key not loaded reported in out_dir/finetune_load.json)
     finetune_from: str = ""            # a pretraining run folder (its latest checkpoint), a checkpoint folder (its
@@ -387,6 +390,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
         raise ConfigError(f"model.embed_dim: {cfg.model.embed_dim} is not divisible by model.num_heads "
                           f"{cfg.model.num_heads}")
+    if cfg.model.lsa_reference_diagonal != "reference" and not cfg.model.name.startswith("cait"):
+        raise ConfigError(f"model.lsa_reference_diagonal: D's diagonal quirk exists in CaiT's patch attention only "
+                          f"(model.name is {cfg.model.name})")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
 

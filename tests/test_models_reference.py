@@ -23,8 +23,7 @@ CASES = {
     "vit": {"family": "vit", "spt": False, "lsa": False, "ours": ("vit_cifar", D_VIT)},
     "vit_spt_lsa": {"family": "vit", "spt": True, "lsa": True, "ours": ("vit_cifar", D_VIT)},
     "cait": {"family": "cait", "spt": False, "lsa": False, "ours": ("cait_d_cifar", {})},
-    "cait_spt_lsa": {"family": "cait", "spt": True, "lsa": True,
-                     "ours": ("cait_d_cifar", {"lsa_reference_diagonal": True})},
+    "cait_spt_lsa": {"family": "cait", "spt": True, "lsa": True, "ours": ("cait_d_cifar", {})},   # D's diagonal
 }
 # parameter counts only: (family, image size, classes, spt, lsa)
 COUNT_CASES = {"vit_c100_spt_lsa": ("vit", 32, 100, True, True), "vit_tiny_spt_lsa": ("vit", 64, 200, True, True),
@@ -228,3 +227,26 @@ def test_b_init_cls_token_and_caits_patch_embedding():
 def test_an_init_a_model_does_not_define_is_refused(name, init):
     with pytest.raises(ValueError, match="model.init"):
         create_model(name, init=init)
+
+
+# ------------------------------------------------------------------------------------------ config keys
+def test_config_keys_reach_the_model():
+    from engine.config import ConfigError, config_from_dict
+    from engine.models.options import model_kwargs
+
+    cfg = config_from_dict({"model": {"qkv_bias": False, "norm_eps": 1e-5, "drop_path_schedule": "constant",
+                                      "init": "d", "depth": 2}})
+    model = create_model("vit_cifar", **model_kwargs(cfg.model))
+    assert model.blocks[0].attn.qkv.bias is None and layer_norm_eps(model) == {1e-5}
+    assert block_drop_path_rates(model.blocks) == pytest.approx([0.1, 0.1])
+    assert std(model.pos_embed) > 0.5                                                    # D's randn
+    defaults = model_kwargs(config_from_dict({}).model)
+    assert set(defaults) == {"drop_path", "spt", "lsa"}                                  # 'reference' passes nothing
+    diag = config_from_dict({"model": {"name": "cait_d_cifar", "lsa": True, "lsa_reference_diagonal": False}})
+    cait = create_model("cait_d_cifar", depth=1, **model_kwargs(diag.model))
+    assert cait.blocks[0].attn.reference_diagonal is False
+    assert create_model("cait_d_cifar", depth=1, lsa=True).blocks[0].attn.reference_diagonal is True
+    with pytest.raises(ConfigError, match="model.lsa_reference_diagonal"):
+        config_from_dict({"model": {"lsa_reference_diagonal": True}})
+    with pytest.raises(ConfigError, match="model.qkv_bias"):
+        config_from_dict({"model": {"qkv_bias": "no"}})

@@ -10,9 +10,10 @@ It is not B's (timm's) CaiT with LSA added:
     block left them (D passes them as `context`, past PreNorm, so they are not normed, and CLS is not among them);
   - the class blocks' MLP hidden 384 (ratio 2), one constant drop-path rate in every block, class blocks included;
   - LayerNorm eps 1e-5, D's init (engine/models/options.init_d), the mixing matrices N(0, 1);
-  - with LSA, the temperature starts at 64^-0.5 = 0.125 and, in the patch blocks only, the diagonal is masked.
-    D writes -1e-9 there before the mixing (no mask at all, in effect); we mask with -inf after the pre-softmax
-    mixing, as METHODS.md D states LSA (`lsa_reference_diagonal=True` gives D's no-op instead).
+  - with LSA, the temperature starts at 64^-0.5 = 0.125 and, in the patch blocks only, the diagonal is "masked":
+    D writes -1e-9 there before the mixing (no mask at all, in effect). That quirk shaped D's SL-CaiT figures, so
+    it is this model's default (`lsa_reference_diagonal=True`); False masks with -inf after the pre-softmax mixing,
+    as METHODS.md D states LSA (and as cait_* does).
 9,058,066 parameters for cait_d_cifar with SPT and LSA (10 classes), 9,020,618 without either.
 State-dict names are timm's Cait's where a part exists there (patch_embed, pos_embed, cls_token, blocks.i.norm1,
 attn.proj, gamma_1, mlp.fc1, blocks_token_only.j..., norm, head); D's own parts are attn.q, attn.kv, attn.mix_pre,
@@ -148,7 +149,7 @@ def _cait_d(img_size: int, patch: int, num_classes: int, drop_path: float, spt: 
 
 @register_model
 def cait_d_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-                 img_size: int = 32, lsa_reference_diagonal: bool = False, qkv_bias: bool = False,
+                 img_size: int = 32, lsa_reference_diagonal: bool = True, qkv_bias: bool = False,
                  norm_eps: float = 1e-5, drop_path_schedule: str = "constant", init: str = "d",
                  **overrides) -> DCaiT:
     """D's CaiT at 32 px, patch 4: embed 192, depth 24 + 2, 4 heads of 64, MLP 384: 9,058,066 parameters with
@@ -159,7 +160,7 @@ def cait_d_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = Fals
 
 @register_model
 def cait_d_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-                         img_size: int = 64, lsa_reference_diagonal: bool = False, qkv_bias: bool = False,
+                         img_size: int = 64, lsa_reference_diagonal: bool = True, qkv_bias: bool = False,
                          norm_eps: float = 1e-5, drop_path_schedule: str = "constant", init: str = "d",
                          **overrides) -> DCaiT:
     """D's CaiT at 64 px, patch 8, otherwise as cait_d_cifar."""

@@ -117,10 +117,11 @@ def init_d(model: nn.Module) -> None:
 
 def model_kwargs(model_cfg, **override) -> dict:
     """create_model keywords from a ModelConfig: drop_path, spt, lsa, the size overrides that are set (non-zero),
-    and the reference options not at 'reference' (norm_eps: not 0). `override` wins (e.g. drop_path=0.0)."""
+    and the reference options not at 'reference' (norm_eps: not 0; lsa_reference_diagonal: CaiT only, which
+    engine.config.validate enforces). `override` wins (e.g. drop_path=0.0)."""
     kwargs = {"drop_path": model_cfg.drop_path, "spt": model_cfg.spt, "lsa": model_cfg.lsa}
     kwargs.update({k: getattr(model_cfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(model_cfg, k)})
-    for key in ("qkv_bias", "drop_path_schedule", "init"):
+    for key in ("qkv_bias", "drop_path_schedule", "init", "lsa_reference_diagonal"):
         value = getattr(model_cfg, key)
         if value != REFERENCE:
             kwargs[key] = value
