@@ -1,6 +1,7 @@
 """One entry point per fused drloc op, choosing Triton or the PyTorch reference (config `engine.kernels`).
 
-backend: 'auto'   -> Triton for CUDA tensors, the PyTorch reference elsewhere;
+backend: 'auto'   -> Triton for CUDA tensors when the triton package is installed, the PyTorch reference
+                     elsewhere (on CUDA without triton it falls back, saying so once in the log);
          'triton' -> Triton always: compiled on CUDA, Triton's interpreter on CPU when TRITON_INTERPRET=1
                      (anything else raises TritonUnavailableError saying so);
          'torch'  -> the plain reference (kernels/drloc_reference.py), autograd through it.
@@ -20,6 +21,8 @@ function of (seed, image index in the batch, pair index), identical on both back
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
@@ -28,20 +31,33 @@ from torch import nn
 
 from kernels import drloc_reference as ref
 from kernels.drloc_head import MODES, fused_pair_loss
-from kernels.triton_runtime import TritonUnavailableError, load_kernels  # noqa: F401  (re-exported)
+from kernels.triton_runtime import TritonUnavailableError, load_kernels, triton_available  # noqa: F401
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
 _SOURCE = "kernels.drloc_triton"
+log = logging.getLogger("smallvit")
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """'auto' -> 'triton' on CUDA devices, 'torch' elsewhere; 'triton'/'torch' pass through."""
+    """'auto' -> 'triton' on CUDA devices with triton installed, 'torch' elsewhere; 'triton'/'torch' pass through."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS} (config key engine.kernels), got {backend!r}")
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        if not triton_available():
+            _warn_no_triton()
+            return "torch"
+        return "triton"
     return backend
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    log.warning("engine.kernels=auto: the triton package is not installed, so the drloc head runs the PyTorch "
+                "reference on CUDA (slower; same losses). Install triton for the fused kernels, or set "
+                "engine.kernels=torch to silence this.")
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,8 @@ def _check(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: t
 
 def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: torch.Tensor,
                     params: HeadParams, mode: str, backend: str = "auto") -> torch.Tensor:
-    """The drloc loss (scalar, float32) of the pairwise head on the token pairs, differentiable w.r.t. tokens
+    """The drloc loss (scalar; float32, float64 for float64 inputs) of the pairwise head on the token pairs,
+    differentiable w.r.t. tokens
     (B, N, C) and every head weight. Equals ref.{l1,ce,cbr}_loss(ref.pairwise_head(ref.gather_pairs(...)))."""
     _check(tokens, p_i, p_j, target, params, mode)
     out = list(params.out)

@@ -274,6 +274,55 @@ def test_resolve_backend():
         dispatch.resolve_backend("cuda", "cpu")
 
 
+def test_auto_on_cuda_falls_back_to_torch_when_triton_is_missing(monkeypatch, caplog):
+    """engine.kernels=auto on a CUDA device without the triton package runs the PyTorch reference and says so
+    once; an explicit engine.kernels=triton says how to fix it instead of sending the user back to 'auto'."""
+    from kernels import triton_runtime
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_runtime, "triton_available", lambda: False)
+    dispatch._warn_no_triton.cache_clear()
+    with caplog.at_level("WARNING", logger="smallvit"):
+        assert dispatch.resolve_backend("auto", "cuda") == "torch"
+        assert dispatch.resolve_backend("auto", "cuda:0") == "torch"
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "triton package is not installed" in caplog.records[0].getMessage()
+    assert dispatch.resolve_backend("triton", "cuda") == "triton"
+    with pytest.raises(TritonUnavailableError, match="engine.kernels=triton.*install triton.*engine.kernels=torch"):
+        load_kernels("kernels.drloc_triton", torch.device("cuda"), "drloc_pair_loss")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert dispatch.resolve_backend("auto", "cuda") == "triton"
+
+
+# (B, k, m, C, H): odd sizes, a single pair, a 1x1 grid
+FP64_SHAPES = [(3, 3, 5, 7, 9), (2, 1, 1, 3, 5), (5, 4, 7, 5, 11)]
+
+
+@pytest.mark.parametrize("mode,use_abs", [("l1", True), ("ce", False), ("cbr", True), ("cbr", False)])
+@pytest.mark.parametrize("shape", FP64_SHAPES)
+def test_triton_fp64_equals_the_fp64_reference(device, shape, mode, use_abs):
+    """The plain PyTorch reference computes float64 inputs in float64 (it used to cast its losses to float32), so
+    the Triton kernels' fp64 accumulation is compared with a true fp64 reference: loss and every gradient to 1e-10."""
+    problem = _problem(*shape, mode, use_abs, torch.float64, device, seed=sum(shape))
+    loss_ref, grads_ref = _loss_and_grads("torch", *problem, mode)
+    assert loss_ref.dtype == torch.float64
+    loss, grads = _loss_and_grads("triton", *problem, mode)
+    assert loss.dtype == torch.float64
+    _assert_close(loss, loss_ref, torch.float64, "loss")
+    for g, g_ref, name in zip(grads, grads_ref, _names(problem[1]), strict=True):
+        _assert_close(g, g_ref, torch.float64, f"d loss / d {name}")
+
+
+def test_fp64_reference_passes_gradcheck():
+    tokens, params, p_i, p_j, target = _problem(2, 3, 4, 3, 5, "cbr", True, torch.float64, "cpu", seed=7)
+
+    def loss(tok, *weights):
+        w1, b1, w2, b2, w3, b3, wr, br, wc, bc = weights
+        head = dispatch.HeadParams(w1, b1, w2, b2, ((wr, br), (wc, bc)), w3, b3)
+        return dispatch.drloc_pair_loss(tok, p_i, p_j, target, head, "cbr", "torch")
+    assert torch.autograd.gradcheck(loss, _leaves(tokens, params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_triton_on_cpu_without_interpreter_says_how():
     triton = pytest.importorskip("triton")
     with triton.knobs.runtime.scope():
