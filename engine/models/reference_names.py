@@ -66,6 +66,8 @@ class Rule:
         return re.sub(self.pattern, self.replacement, key)
 
 
+_D_VIT_BLOCK = {"0.norm": "norm1", "0.fn.to_qkv": "attn.qkv", "0.fn.to_out.0": "attn.proj",
+                "0.fn.scale": "attn.temperature", "1.norm": "norm2", "1.fn.net.0": "mlp.fc1", "1.fn.net.3": "mlp.fc2"}
 _D_ATTN = {"to_q": "q", "to_kv": "kv", "to_out.0": "proj", "scale": "temperature", "mix_heads_pre_attn": "mix_pre",
            "mix_heads_post_attn": "mix_post"}
 
@@ -91,13 +93,8 @@ RULES: tuple[Rule, ...] = (
     Rule("D", r"to_patch_embedding\.1\.weight", "patch_embed.proj.weight", linear_to_patch_conv),
     Rule("D", r"to_patch_embedding\.1\.bias", "patch_embed.proj.bias"),
     Rule("D", r"pos_embedding", "pos_embed"),
-    Rule("D", r"transformer\.layers\.(\d+)\.0\.norm\.(weight|bias)", r"blocks.\1.norm1.\2"),
-    Rule("D", r"transformer\.layers\.(\d+)\.0\.fn\.to_qkv\.(weight|bias)", r"blocks.\1.attn.qkv.\2"),
-    Rule("D", r"transformer\.layers\.(\d+)\.0\.fn\.to_out\.0\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
-    Rule("D", r"transformer\.layers\.(\d+)\.0\.fn\.scale", r"blocks.\1.attn.temperature"),
-    Rule("D", r"transformer\.layers\.(\d+)\.1\.norm\.(weight|bias)", r"blocks.\1.norm2.\2"),
-    Rule("D", r"transformer\.layers\.(\d+)\.1\.fn\.net\.0\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
-    Rule("D", r"transformer\.layers\.(\d+)\.1\.fn\.net\.3\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+    *[Rule("D", rf"transformer\.layers\.(\d+)\.{re.escape(theirs)}(\.weight|\.bias|)", rf"blocks.\1.{ours}\2")
+      for theirs, ours in _D_VIT_BLOCK.items()],
     *_d_cait_rules("blocks", "patch_transformer"),
     *_d_cait_rules("blocks_token_only", "cls_transformer"),
     Rule("D", r"mlp_head\.0\.(weight|bias)", r"norm.\1"),
@@ -108,10 +105,9 @@ RULES: tuple[Rule, ...] = (
     # C's drloc head
     Rule("C", r"drloc\.(?:0\.)?(layers|unshared)\.(\d+)\.(weight|bias)", r"drloc.head.\1.\2.\3"),
     # A's translation / scale heads
-    Rule("A", r"mlp_head_trans\.0\.(weight|bias)", r"perceptibility.translate_head.norm.\1"),
-    Rule("A", r"mlp_head_trans\.1\.(fc1|fc2)\.(weight|bias)", r"perceptibility.translate_head.\1.\2"),
-    Rule("A", r"mlp_head_scale\.0\.(weight|bias)", r"perceptibility.scale_head.norm.\1"),
-    Rule("A", r"mlp_head_scale\.1\.(fc1|fc2)\.(weight|bias)", r"perceptibility.scale_head.\1.\2"),
+    *[rule for theirs, ours in (("trans", "translate_head"), ("scale", "scale_head"))
+      for rule in (Rule("A", rf"mlp_head_{theirs}\.0\.(weight|bias)", rf"perceptibility.{ours}.norm.\1"),
+                   Rule("A", rf"mlp_head_{theirs}\.1\.(fc1|fc2)\.(weight|bias)", rf"perceptibility.{ours}.\1.\2"))],
 )
 
 
