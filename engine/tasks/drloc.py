@@ -77,7 +77,8 @@ class DrlocTask(AuxTask):
     name = "drloc"
 
     def __init__(self, cfg, embed_dim: int, grid: int, total_epochs: int, kernels: str = "auto"):
-        """kernels: engine.kernels — 'auto' (Triton on CUDA, PyTorch elsewhere), 'triton' or 'torch'."""
+        """kernels: engine.kernels — 'auto' (Triton on CUDA when triton is installed, PyTorch elsewhere), 'triton'
+        or 'torch'."""
         super().__init__()
         self.cfg = cfg
         self.kernels = kernels
