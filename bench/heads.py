@@ -64,7 +64,7 @@ def build_steps(head: DrlocHead, mode: str, k: int, m: int, device: torch.device
             p_i, p_j, target = ref.counter_pairs_and_targets(tokens.shape[0], k, m, True, seed, device,
                                                              mode == "l1")
             return fused_pair_loss(tokens, p_i, p_j, target, params.w1, params.b1, params.w2, params.b2,
-                                   list(params.out), mode, ops=ops)
+                                   list(params.out), mode, ops=ops, shared=params.shared)
         return step
 
     steps["fused_torch"] = fused(TorchPairOps)

@@ -82,6 +82,16 @@ class ModelConfig:
     num_heads: int = 0                 # attention heads (must divide the width)
     pos_embed_init: Literal["learned", "sincos"] = "learned"  # learned = the references' init; sincos: see
                                                                # engine/models/pos_embed.py (the CPU demo uses it)
+    # where the references' networks of one family differ (engine/models/options.py); 'reference' / 0 = what the
+    # registered model's reference network uses (vit_*, swin_*, cait_*: B's; cait_d_*: D's)
+    qkv_bias: Literal["reference", True, False] = "reference"   # bias on q, k, v (B: true; D: false)
+    norm_eps: float = 0.0              # eps of every LayerNorm of the blocks and the head norm (B: 1e-6; D: 1e-5)
+    drop_path_schedule: Literal["reference", "linear", "constant"] = "reference"  # per-block drop-path rates:
+                                       # linear 0 -> drop_path (B's ViT/Swin), or drop_path in every block (D; CaiT)
+    init: Literal["reference", "timm", "b", "d"] = "reference"  # timm's own init, B's code's, or D's code's
+    lsa_reference_diagonal: Literal["reference", True, False] = "reference"  # CaiT + LSA only: true = D's CaiT
+                                       # code, whose diagonal "mask" writes -1e-9 (no mask); false = masked (-inf)
+                                       # as METHODS.md D states LSA (cait_d_*: true, cait_*: false)
     # fine-tune stage of the self-supervised method (METHODS.md B): backbone weights loaded by name before training
     # (engine.models.pretrained.load_finetune_weights: every key not loaded reported in out_dir/finetune_load.json)
     finetune_from: str = ""            # a pretraining run folder (its latest checkpoint), a checkpoint folder (its
@@ -367,6 +377,7 @@ def validate(cfg: Config) -> None:
         ("model.depth", cfg.model.depth >= 0, "must be >= 0 (0 = the model's default)"),
         ("model.embed_dim", cfg.model.embed_dim >= 0, "must be >= 0 (0 = the model's default)"),
         ("model.num_heads", cfg.model.num_heads >= 0, "must be >= 0 (0 = the model's default)"),
+        ("model.norm_eps", 0 <= cfg.model.norm_eps < 1, "must be in [0, 1) (0 = the model's reference)"),
         ("tasks.drloc.pairs", cfg.tasks.drloc.pairs >= 1, "must be >= 1"),
         ("tasks.drloc.lambda0", cfg.tasks.drloc.lambda0 >= 0, "must be >= 0"),
         ("tasks.perceptibility.max_shift", 0 < cfg.tasks.perceptibility.max_shift < 1, "must be in (0, 1)"),
@@ -396,6 +407,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.embed_dim and cfg.model.num_heads and cfg.model.embed_dim % cfg.model.num_heads:
         raise ConfigError(f"model.embed_dim: {cfg.model.embed_dim} is not divisible by model.num_heads "
                           f"{cfg.model.num_heads}")
+    if cfg.model.lsa_reference_diagonal != "reference" and not cfg.model.name.startswith("cait"):
+        raise ConfigError(f"model.lsa_reference_diagonal: D's diagonal quirk exists in CaiT's patch attention only "
+                          f"(model.name is {cfg.model.name})")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
 

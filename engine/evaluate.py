@@ -10,6 +10,7 @@ import torch
 from engine import checkpoint
 from engine.config import ConfigError, load_config
 from engine.models import create_model
+from engine.models.options import model_kwargs
 from engine.runtime import Runtime
 
 
@@ -46,8 +47,8 @@ def run_eval(args) -> int:
         state = checkpoint.read_state(folder)
         device = torch.device("cuda" if torch.cuda.is_available() and cfg.engine.device != "cpu" else "cpu")
         loader, meta = build_loader(cfg.data, False, cfg.run.seed, device)
-        model = create_model(cfg.model.name, num_classes=state["num_classes"], drop_path=0.0,
-                             spt=cfg.model.spt, lsa=cfg.model.lsa).to(device)
+        model = create_model(cfg.model.name, num_classes=state["num_classes"],
+                             **model_kwargs(cfg.model, drop_path=0.0)).to(device)
         load_exported(model, folder / checkpoint.EXPORT_FILE)
         result = evaluate(model, loader, Runtime(0, 1, 0, device), torch.float32)
     except (ConfigError, DatasetFileError, FileNotFoundError, ValueError) as exc:

@@ -38,6 +38,7 @@ from engine.grad_check import GradientCheck, discard_gradients
 from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
                          report_nonfinite, restore_checkpoint, run_reporting_errors)
 from engine.models import create_model
+from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
 from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.ssl.backbone import MultiCropBackbone, pooled_features
@@ -45,7 +46,7 @@ from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
-from engine.train import StopFlag, mean_over_ranks, model_size_overrides, param_groups
+from engine.train import StopFlag, mean_over_ranks, param_groups
 from loaders.factory import build_loader, preflight
 
 log = logging.getLogger("smallvit")
@@ -71,8 +72,7 @@ class DINONetwork(nn.Module):
 
 
 def build_network(cfg: Config, drop_path: float) -> DINONetwork:
-    model = create_model(cfg.model.name, num_classes=0, drop_path=drop_path, spt=cfg.model.spt, lsa=cfg.model.lsa,
-                         **model_size_overrides(cfg.model))
+    model = create_model(cfg.model.name, num_classes=0, **model_kwargs(cfg.model, drop_path=drop_path))
     init_pos_embed(model, cfg.model.pos_embed_init)
     head = DINOHead(MultiCropBackbone(model).embed_dim, cfg.ssl.out_dim, cfg.ssl.hidden_dim, cfg.ssl.bottleneck_dim,
                     cfg.ssl.norm_last_layer)

@@ -35,6 +35,7 @@ from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_
                          open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
                          run_reporting_errors)
 from engine.models import create_model
+from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
 from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
@@ -171,14 +172,15 @@ def _train(cfg: Config) -> dict:
     torch.manual_seed(cfg.run.seed)
     sizes = model_size_overrides(cfg.model)
     try:
-        model = create_model(cfg.model.name, num_classes=num_classes, drop_path=cfg.model.drop_path,
-                             spt=cfg.model.spt, lsa=cfg.model.lsa, **sizes)
+        model = create_model(cfg.model.name, num_classes=num_classes, **model_kwargs(cfg.model))
     except TypeError as exc:
         raise ConfigError(f"model.{'/'.join(sizes)}: {cfg.model.name} does not take these sizes ({exc})") from None
+    except ValueError as exc:   # an option the model does not define (e.g. model.init=d on swin)
+        raise ConfigError(str(exc)) from None
     init_pos_embed(model, cfg.model.pos_embed_init)
-    if cfg.model.finetune_from:   # by name; report logged and written to out_dir/finetune_load.json
-        load_finetune_weights(model, cfg.model, out_dir, rt.is_main)
     tasks = build_tasks(cfg, model.embed_dim, model.grid_size)
+    if cfg.model.finetune_from:   # by name, into the model and the task heads; report in out_dir/finetune_load.json
+        load_finetune_weights(model, cfg.model, out_dir, rt.is_main, tasks=tasks)
     module = TrainModule(model, tasks, cfg.optim.label_smoothing)
     if channels_last:
         module = module.to(memory_format=torch.channels_last)

@@ -1,6 +1,7 @@
 """One entry point per fused drloc op, choosing Triton or the PyTorch reference (config `engine.kernels`).
 
-backend: 'auto'   -> Triton for CUDA tensors, the PyTorch reference elsewhere;
+backend: 'auto'   -> Triton for CUDA tensors when the triton package is installed, the PyTorch reference
+                     elsewhere (on CUDA without triton it falls back, saying so once in the log);
          'triton' -> Triton always: compiled on CUDA, Triton's interpreter on CPU when TRITON_INTERPRET=1
                      (anything else raises TritonUnavailableError saying so);
          'torch'  -> the plain reference (kernels/drloc_reference.py), autograd through it.
@@ -20,53 +21,79 @@ function of (seed, image index in the batch, pair index), identical on both back
 """
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import nn
 
 from kernels import drloc_reference as ref
 from kernels.drloc_head import MODES, fused_pair_loss
-from kernels.triton_runtime import TritonUnavailableError, load_kernels  # noqa: F401  (re-exported)
+from kernels.triton_runtime import TritonUnavailableError, load_kernels, triton_available  # noqa: F401
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
 _SOURCE = "kernels.drloc_triton"
+log = logging.getLogger("smallvit")
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
-    """'auto' -> 'triton' on CUDA devices, 'torch' elsewhere; 'triton'/'torch' pass through."""
+    """'auto' -> 'triton' on CUDA devices with triton installed, 'torch' elsewhere; 'triton'/'torch' pass through."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels backend must be one of {BACKENDS} (config key engine.kernels), got {backend!r}")
     if backend == "auto":
-        return "triton" if torch.device(device).type == "cuda" else "torch"
+        if torch.device(device).type != "cuda":
+            return "torch"
+        if not triton_available():
+            _warn_no_triton()
+            return "torch"
+        return "triton"
     return backend
+
+
+@functools.cache
+def _warn_no_triton() -> None:
+    log.warning("engine.kernels=auto: the triton package is not installed, so the drloc head runs the PyTorch "
+                "reference on CUDA (slower; same losses). Install triton for the fused kernels, or set "
+                "engine.kernels=torch to silence this.")
 
 
 @dataclass(frozen=True)
 class HeadParams:
     """The drloc head's weights in nn.Linear layout: w (out, in), b (out,).
 
-    w1 (H, 2C), b1 (H,): first Linear on concat(e_i, e_j); w2 (H, H), b2 (H,): second Linear;
-    out: [(w (2, H), b (2,))] for l1, [(w_rows (n, H), b_rows), (w_cols (n, H), b_cols)] for ce/cbr.
+    w1 (H, 2C), b1 (H,): first Linear on concat(e_i, e_j); w2 (H, H), b2 (H,): second Linear (ReLU after both);
+    out: [(w (2, H), b (2,))] for l1, [(w_rows (n, H), b_rows), (w_cols (n, H), b_cols)] for ce/cbr;
+    w3 (H, H), b3 (H,): ce/cbr only, the shared third Linear before the two outputs (C's `layers.4`), no ReLU.
     """
     w1: torch.Tensor
     b1: torch.Tensor
     w2: torch.Tensor
     b2: torch.Tensor
     out: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    w3: Optional[torch.Tensor] = None
+    b3: Optional[torch.Tensor] = None
+
+    @property
+    def shared(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """(w3, b3), or None (l1)."""
+        return None if self.w3 is None else (self.w3, self.b3)
 
     @classmethod
-    def from_linears(cls, first: nn.Linear, second: nn.Linear, outs: Sequence[nn.Linear]) -> "HeadParams":
-        return cls(first.weight, first.bias, second.weight, second.bias, tuple((o.weight, o.bias) for o in outs))
+    def from_linears(cls, first: nn.Linear, second: nn.Linear, outs: Sequence[nn.Linear],
+                     shared: Optional[nn.Linear] = None) -> "HeadParams":
+        return cls(first.weight, first.bias, second.weight, second.bias, tuple((o.weight, o.bias) for o in outs),
+                   None if shared is None else shared.weight, None if shared is None else shared.bias)
 
     @classmethod
     def from_module(cls, head: nn.Module) -> "HeadParams":
-        """From engine.tasks.drloc.DrlocHead (`layers` = Linear ReLU Linear [ReLU Linear], `unshared` or None)."""
+        """From engine.tasks.drloc.DrlocHead (`layers` = Linear ReLU Linear ReLU Linear, `unshared` or None)."""
         layers = head.layers
-        outs = [layers[4]] if getattr(head, "unshared", None) is None else list(head.unshared)
-        return cls.from_linears(layers[0], layers[2], outs)
+        if getattr(head, "unshared", None) is None:
+            return cls.from_linears(layers[0], layers[2], [layers[4]])
+        return cls.from_linears(layers[0], layers[2], list(head.unshared), shared=layers[4])
 
 
 def drloc_pairs_and_targets(batch: int, k: int, m: int, use_abs: bool, seed: int | torch.Tensor,
@@ -108,17 +135,21 @@ def _check(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: t
     if len(params.out) != (1 if mode == "l1" else 2):
         raise ValueError(f"drloc mode {mode!r} needs {1 if mode == 'l1' else 2} output Linear(s), "
                          f"got {len(params.out)}")
+    if (params.w3 is None) != (mode == "l1") or (params.w3 is None) != (params.b3 is None):
+        raise ValueError(f"drloc mode {mode!r} {'takes no' if mode == 'l1' else 'needs the'} shared third Linear "
+                         f"(HeadParams.w3/b3: C's layers.4, ce and cbr only)")
 
 
 def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: torch.Tensor,
                     params: HeadParams, mode: str, backend: str = "auto") -> torch.Tensor:
-    """The drloc loss (scalar, float32) of the pairwise head on the token pairs, differentiable w.r.t. tokens
+    """The drloc loss (scalar; float32, float64 for float64 inputs) of the pairwise head on the token pairs,
+    differentiable w.r.t. tokens
     (B, N, C) and every head weight. Equals ref.{l1,ce,cbr}_loss(ref.pairwise_head(ref.gather_pairs(...)))."""
     _check(tokens, p_i, p_j, target, params, mode)
     out = list(params.out)
     if resolve_backend(backend, tokens.device) == "torch":
         pred = ref.pairwise_head(ref.gather_pairs(tokens, p_i, p_j), params.w1, params.b1, params.w2, params.b2,
-                                 out, final_relu=(mode == "l1"))
+                                 out, shared=params.shared)
         if mode == "l1":
             return ref.l1_loss(pred[0], target)
         loss_fn = ref.ce_loss if mode == "ce" else ref.cbr_loss
@@ -130,4 +161,4 @@ def drloc_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, 
 def _triton_pair_loss(tokens, p_i, p_j, target, params, out, mode):
     kernels = load_kernels(_SOURCE, tokens.device, "drloc_pair_loss")
     return fused_pair_loss(tokens, p_i, p_j, target, params.w1, params.b1, params.w2, params.b2, out, mode,
-                           ops=kernels)
+                           ops=kernels, shared=params.shared)

@@ -5,8 +5,9 @@ the readable statement of what each kernel does).
 Algebra: the first Linear on concat(e_i, e_j) is W_a e_i + W_b e_j with w1 = [W_a | W_b] (H, 2C), so every token is
 projected once, P = tokens @ [W_a; W_b]^T (B*N, 2H), and each pair only gathers and adds two rows of P:
     h1 = relu(P[b, p_i, :H] + P[b, p_j, H:] + b1)             (B*m, H)   fused kernel (P kept in fp32)
-    h2 = h1 @ w2^T + b2 (+ relu for l1)                       (B*m, H)   cuBLAS
-    y  = h2 @ w_out^T + b_out                                 (B*m, 2n)  cuBLAS (l1: n = 1; ce/cbr: rows | cols)
+    h2 = relu(h1 @ w2^T + b2)                                 (B*m, H)   cuBLAS
+    h3 = h2 @ w3^T + b3          (ce/cbr only; l1: h3 = h2)   (B*m, H)   cuBLAS (C's shared `layers.4`)
+    y  = h3 @ w_out^T + b_out                                 (B*m, 2n)  cuBLAS (l1: n = 1; ce/cbr: rows | cols)
     loss, dL/dy = pair_loss(y, target)                        fused kernel (the gradient is computed in forward)
 Backward: matmuls for the dense layers, then the pair gradients are scatter-added (atomics) back onto dP (B*N, 2H),
 dw1 = [dP[:, :H]^T tokens | dP[:, H:]^T tokens], dtokens = dP @ [W_a; W_b], db1 = column sums of dP[:, :H].
@@ -109,12 +110,14 @@ class FusedPairLoss(torch.autograd.Function):
     """loss = drloc loss of the pairwise head on tokens gathered at (p_i, p_j); see the module docstring.
 
     Inputs: ops (TorchPairOps or the Triton module), mode, compute dtype, tokens (B, N, C), p_i/p_j (B, m) int64,
-    target (B, m, 2) (int64, or float for l1), w1 (H, 2C), b1 (H,), w2 (H, H), b2 (H,), w_out (2n, H), b_out (2n,).
+    target (B, m, 2) (int64, or float for l1), w1 (H, 2C), b1 (H,), w2 (H, H), b2 (H,), w3 (H, H) and b3 (H,)
+    (ce/cbr; None for l1), w_out (2n, H), b_out (2n,).
     Returns the scalar loss in the accumulation dtype (fp32; fp64 for fp64 inputs).
     """
 
     @staticmethod
-    def forward(ctx, ops, mode: str, dtype: torch.dtype, tokens, p_i, p_j, target, w1, b1, w2, b2, w_out, b_out):
+    def forward(ctx, ops, mode: str, dtype: torch.dtype, tokens, p_i, p_j, target, w1, b1, w2, b2, w3, b3, w_out,
+                b_out):
         batch, n_tokens, c = tokens.shape
         h = w1.shape[0]
         with torch.autocast(tokens.device.type, enabled=False):
@@ -124,20 +127,21 @@ class FusedPairLoss(torch.autograd.Function):
             h1 = ops.gather_add_bias_relu(proj, p_i, p_j, b1, n_tokens, dtype)           # (R, H)
             del proj
             w2c, w_outc = w2.to(dtype), w_out.to(dtype)
-            h2 = torch.addmm(b2.to(dtype), h1, w2c.T)
-            if mode == "l1":
-                h2 = torch.relu_(h2)
-            y = torch.addmm(b_out.to(dtype), h2, w_outc.T)                                # (R, 2n)
+            h2 = torch.relu_(torch.addmm(b2.to(dtype), h1, w2c.T))
+            w3c = None if w3 is None else w3.to(dtype)
+            h3 = h2 if w3c is None else torch.addmm(b3.to(dtype), h2, w3c.T)             # (R, H)
+            y = torch.addmm(b_out.to(dtype), h3, w_outc.T)                                # (R, 2n)
             loss_rows, dy = ops.pair_loss(y, target.reshape(-1, 2), mode)
-        ctx.save_for_backward(x, w_proj, h1, h2, w2c, w_outc, dy, p_i, p_j)
+        ctx.save_for_backward(x, w_proj, h1, h2, h3, w2c, w3c, w_outc, dy, p_i, p_j)
         ctx.ops, ctx.mode, ctx.dtype = ops, mode, dtype
         ctx.shape = (batch, n_tokens, c, h)
-        ctx.in_dtypes = (tokens.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype, w_out.dtype, b_out.dtype)
+        ctx.in_dtypes = (tokens.dtype, w1.dtype, b1.dtype, w2.dtype, b2.dtype,
+                         None if w3 is None else w3.dtype, None if b3 is None else b3.dtype, w_out.dtype, b_out.dtype)
         return loss_rows.sum()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, w_proj, h1, h2, w2c, w_outc, dy, p_i, p_j = ctx.saved_tensors
+        x, w_proj, h1, h2, h3, w2c, w3c, w_outc, dy, p_i, p_j = ctx.saved_tensors
         batch, n_tokens, c, h = ctx.shape
         dtype = ctx.dtype
         need = ctx.needs_input_grad
@@ -145,10 +149,16 @@ class FusedPairLoss(torch.autograd.Function):
             dy = dy * grad_loss.to(dy.dtype)
             db_out = dy.sum(0)
             dyc = dy.to(dtype)
-            dw_out = dyc.T @ h2
-            dh2 = dyc @ w_outc
-            if ctx.mode == "l1":
-                dh2 = torch.where(h2 > 0, dh2, 0.0)
+            dw_out = dyc.T @ h3
+            dh3 = dyc @ w_outc
+            dw3 = db3 = None
+            if w3c is None:
+                dh2 = dh3
+            else:
+                db3 = dh3.sum(0, dtype=_acc(dtype))
+                dw3 = dh3.T @ h2
+                dh2 = dh3 @ w3c
+            dh2 = torch.where(h2 > 0, dh2, 0.0)
             db2 = dh2.sum(0, dtype=_acc(dtype))
             dw2 = dh2.T @ h1
             dh1 = dh2 @ w2c
@@ -165,22 +175,26 @@ class FusedPairLoss(torch.autograd.Function):
                 dw1 = torch.cat([dw_proj[:h], dw_proj[h:]], 1)
             if need[3]:
                 dtokens = (dpc @ w_proj).reshape(batch, n_tokens, c)
-        t_dt, w1_dt, b1_dt, w2_dt, b2_dt, wo_dt, bo_dt = ctx.in_dtypes
+        t_dt, w1_dt, b1_dt, w2_dt, b2_dt, w3_dt, b3_dt, wo_dt, bo_dt = ctx.in_dtypes
         cast = lambda g, dt: None if g is None else g.to(dt)  # noqa: E731
         return (None, None, None, cast(dtokens, t_dt), None, None, None, cast(dw1, w1_dt), cast(db1, b1_dt),
-                cast(dw2, w2_dt), cast(db2, b2_dt), cast(dw_out, wo_dt), cast(db_out, bo_dt))
+                cast(dw2, w2_dt), cast(db2, b2_dt), cast(dw3, w3_dt), cast(db3, b3_dt), cast(dw_out, wo_dt),
+                cast(db_out, bo_dt))
 
 
 def fused_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, target: torch.Tensor,
                     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                     out_weights: list[tuple[torch.Tensor, torch.Tensor]], mode: str,
                     ops: type[TorchPairOps] | ModuleType = TorchPairOps,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+                    dtype: torch.dtype | None = None,
+                    shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The drloc loss through FusedPairLoss. out_weights: [(w, b)] for l1 (w (2, H)), [(w_rows, b_rows),
-    (w_cols, b_cols)] for ce/cbr (each (n, H)). dtype: compute dtype (default: the autocast dtype inside an
-    autocast region, else tokens.dtype)."""
+    (w_cols, b_cols)] for ce/cbr (each (n, H)); shared: (w3 (H, H), b3 (H,)), the third Linear ce/cbr need
+    (None for l1). dtype: compute dtype (default: the autocast dtype inside an autocast region, else tokens.dtype)."""
     if mode not in MODES:
         raise ValueError(f"drloc mode must be one of {MODES}, got {mode!r}")
+    if (shared is None) != (mode == "l1"):
+        raise ValueError(f"drloc mode {mode!r} {'takes no' if mode == 'l1' else 'needs the'} shared third Linear")
     if dtype is None:
         dev = tokens.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else tokens.dtype
@@ -189,4 +203,5 @@ def fused_pair_loss(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor, 
     else:
         w_out = torch.cat([w for w, _ in out_weights], 0)
         b_out = torch.cat([b for _, b in out_weights], 0)
-    return FusedPairLoss.apply(ops, mode, dtype, tokens, p_i, p_j, target, w1, b1, w2, b2, w_out, b_out)
+    w3, b3 = shared if shared is not None else (None, None)
+    return FusedPairLoss.apply(ops, mode, dtype, tokens, p_i, p_j, target, w1, b1, w2, b2, w3, b3, w_out, b_out)

@@ -35,45 +35,59 @@ def gather_pairs(tokens: torch.Tensor, p_i: torch.Tensor, p_j: torch.Tensor) -> 
 
 
 def pairwise_head(pairs: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                  out_weights: list[tuple[torch.Tensor, torch.Tensor]], final_relu: bool) -> list[torch.Tensor]:
-    """The drloc MLP on (B, m, 2C) pairs: Linear(2C,H) ReLU Linear(H,H) [ReLU] then each output Linear.
+                  out_weights: list[tuple[torch.Tensor, torch.Tensor]],
+                  shared: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The drloc MLP on (B, m, 2C) pairs (C's DenseRelativeLoc): Linear(2C,H) ReLU Linear(H,H) ReLU, then
+    [the shared Linear(H,H), no ReLU,] then each output Linear.
 
-    l1 mode: final_relu=True and one output Linear(H, 2) -> [(B, m, 2)].
-    ce/cbr:  final_relu=False and two output Linear(H, n) -> [(B, m, n) rows, (B, m, n) cols].
+    l1 mode: shared=None and one output Linear(H, 2) -> [(B, m, 2)].
+    ce/cbr:  shared=(w3 (H, H), b3 (H,)) (C's `layers.4`) and two output Linear(H, n) -> [(B, m, n) rows,
+             (B, m, n) cols].
     Weights follow nn.Linear: w (out, in), b (out,).
     """
     h = F.relu(F.linear(pairs, w1, b1))
-    h = F.linear(h, w2, b2)
-    if final_relu:
-        h = F.relu(h)
+    h = F.relu(F.linear(h, w2, b2))
+    if shared is not None:
+        h = F.linear(h, *shared)
     return [F.linear(h, w, b) for w, b in out_weights]
 
 
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """The loss's accumulation dtype: float64 for float64 predictions (a true fp64 reference), float32 otherwise."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def l1_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """mean |pred - target| over B*m*2; pred (B, m, 2) float, target (B, m, 2) int grid units."""
-    return (pred.float() - target.to(torch.float32)).abs().mean()
+    """mean |pred - target| over B*m*2; pred (B, m, 2) float, target (B, m, 2) int grid units. float32, or float64
+    for float64 pred."""
+    acc = _acc(pred)
+    return (pred.to(acc) - target.to(acc)).abs().mean()
 
 
 def ce_loss(logits_rows: torch.Tensor, logits_cols: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """CE(rows) + CE(cols); logits (B, m, n), target (B, m, 2) class indices."""
+    """CE(rows) + CE(cols); logits (B, m, n), target (B, m, 2) class indices. float32, or float64 for float64
+    logits."""
     n = logits_rows.shape[-1]
-    return (F.cross_entropy(logits_rows.float().reshape(-1, n), target[..., 0].reshape(-1))
-            + F.cross_entropy(logits_cols.float().reshape(-1, n), target[..., 1].reshape(-1)))
+    acc = _acc(logits_rows)
+    return (F.cross_entropy(logits_rows.to(acc).reshape(-1, n), target[..., 0].reshape(-1))
+            + F.cross_entropy(logits_cols.to(acc).reshape(-1, n), target[..., 1].reshape(-1)))
 
 
 def cbr_loss(logits_rows: torch.Tensor, logits_cols: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Confidence-based regression, summed over rows and cols (METHODS.md C):
     p = softmax(logits); mu = sum p*c; var = sum p*(c-mu)^2 + 1e-8; mean(exp(-log var)*(mu-t)^2 + 0.001*log var).
+    float32, or float64 for float64 logits.
     """
-    total = logits_rows.new_zeros((), dtype=torch.float32)
+    acc = _acc(logits_rows)
+    total = logits_rows.new_zeros((), dtype=acc)
     for axis, logits in enumerate((logits_rows, logits_cols)):
         n = logits.shape[-1]
-        p = torch.softmax(logits.float(), dim=-1)
-        c = torch.arange(n, device=logits.device, dtype=torch.float32)
+        p = torch.softmax(logits.to(acc), dim=-1)
+        c = torch.arange(n, device=logits.device, dtype=acc)
         mu = (p * c).sum(-1)
         var = (p * (c - mu[..., None]) ** 2).sum(-1) + 1e-8
         log_var = torch.log(var)
-        t = target[..., axis].to(torch.float32)
+        t = target[..., axis].to(acc)
         total = total + (torch.exp(-log_var) * (mu - t) ** 2 + 0.001 * log_var).mean()
     return total
 

@@ -37,8 +37,9 @@ def interpret_enabled() -> bool:
 def check_device(device: torch.device, what: str) -> bool:
     """-> interpret mode for a Triton launch on `device`; raises TritonUnavailableError when it cannot run."""
     if not triton_available():
-        raise TritonUnavailableError(f"{what}: backend='triton' but the triton package is not installed; "
-                                     "use backend='torch' or 'auto'")
+        raise TritonUnavailableError(f"{what}: backend='triton' (engine.kernels=triton) but the triton package is "
+                                     "not installed: install triton, or set engine.kernels=torch (or auto, which "
+                                     "runs the PyTorch reference where triton is missing)")
     interpret = interpret_enabled()
     if device.type != "cuda" and not interpret:
         raise TritonUnavailableError(

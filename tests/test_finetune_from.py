@@ -167,6 +167,26 @@ def test_config_keys():
         config_from_dict({"model": {"pretrained": "x.pth"}})
 
 
+def test_a_reference_checkpoint_loads_through_its_name_map(tmp_path):
+    """D's SL-ViT checkpoint as D's main.py leaves it (a plain state dict of D's names) fine-tunes our D-option
+    ViT strictly: every backbone key renamed and loaded, the report says which reference's map did it."""
+    from test_models_reference import D_VIT, reference_weights
+
+    figures = json.loads((Path(__file__).parent / "fixtures" / "reference_d.json").read_text())
+    state = reference_weights(figures["cases"]["vit_spt_lsa"]["state_dict"])
+    del state["mlp_head.1.weight"], state["mlp_head.1.bias"]            # another class count: no classifier
+    torch.save(state, tmp_path / "checkpoint.pth")
+    model = create_model("vit_cifar", num_classes=100, spt=True, lsa=True, **D_VIT)
+    report = load_finetune_weights(model, model_cfg(tmp_path / "checkpoint.pth"), out_dir=tmp_path / "out")
+    assert report.missing == CLASSIFIER and report.unexpected == [] and report.references == ["D"]
+    assert torch.equal(model.blocks[8].attn.qkv.weight, state["transformer.layers.8.0.fn.to_qkv.weight"])
+    saved = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert "transformer.layers.0.0.fn.scale -> blocks.0.attn.temperature" in saved["renamed"]
+    b_vit = create_model("vit_cifar", num_classes=100, spt=True, lsa=True)         # B's options: qkv bias
+    with pytest.raises(ConfigError, match="did not fully load.*blocks.0.attn.qkv.bias"):
+        load_finetune_weights(b_vit, model_cfg(tmp_path / "checkpoint.pth"))
+
+
 # ------------------------------------------------------------------------------------------ in the loop
 def _train_cfg(betons, out_dir, source, *extra):
     return config_from_dict({}, [
@@ -191,6 +211,8 @@ def test_short_finetune_run_with_drloc_and_perceptibility(tiny_betons, tmp_path)
     assert report["source"] == str(latest / checkpoint.EXPORT_FILE)
     assert report["missing"] == CLASSIFIER and report["mismatched"] == [] and report["unexpected"] == []
     assert len(report["loaded"]) == len(teacher_backbone(6).state_dict())
+    assert any(k.startswith("drloc.head.") for k in report["heads_missing"])       # kept as initialised
+    assert any(k.startswith("perceptibility.translate_head.") for k in report["heads_missing"])
     records = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert len(records) == 2
     assert all("drloc_loss" in r and any(k.startswith("perceptibility") for k in r) for r in records), records[0]

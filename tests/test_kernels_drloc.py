@@ -140,18 +140,26 @@ def _problem(batch, k, m, c, h, mode, use_abs, dtype, device, seed=0, strided=Tr
     b2 = torch.randn(h, generator=g) * 0.3
     outs = [(torch.randn(n, h, generator=g) * (2.0 / math.sqrt(h)), torch.randn(n, generator=g))
             for _ in range(1 if mode == "l1" else 2)]
+    w3 = torch.randn(h, h, generator=g) / math.sqrt(h)      # ce/cbr: C's shared third Linear (layers.4)
+    b3 = torch.randn(h, generator=g) * 0.3
     cast = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
     tokens = cast(tokens)
-    params = dispatch.HeadParams(cast(w1), cast(b1), cast(w2), cast(b2), tuple((cast(w), cast(b)) for w, b in outs))
+    shared = (None, None) if mode == "l1" else (cast(w3), cast(b3))
+    params = dispatch.HeadParams(cast(w1), cast(b1), cast(w2), cast(b2), tuple((cast(w), cast(b)) for w, b in outs),
+                                 *shared)
     p_i, p_j, target = ref.counter_pairs_and_targets(batch, k, m, use_abs, seed, device, mode == "l1")
     return tokens, params, p_i, p_j, target
 
 
 def _leaves(tokens, params):
-    return [tokens, params.w1, params.b1, params.w2, params.b2] + [t for pair in params.out for t in pair]
+    shared = [] if params.w3 is None else [params.w3, params.b3]
+    return [tokens, params.w1, params.b1, params.w2, params.b2] + shared + [t for pair in params.out for t in pair]
 
 
-NAMES = ["tokens", "w1", "b1", "w2", "b2", "w_out0", "b_out0", "w_out1", "b_out1"]
+def _names(params):
+    shared = [] if params.w3 is None else ["w3", "b3"]
+    return ["tokens", "w1", "b1", "w2", "b2"] + shared + [f"{w}_out{i}" for i in range(len(params.out))
+                                                          for w in ("w", "b")]
 # (B, k, m, C, H): odd C, k = 1, m = 1, a larger batch
 HEAD_SHAPES = [(2, 3, 5, 7, 12), (3, 1, 4, 5, 6), (4, 4, 1, 9, 16), (64, 4, 16, 6, 24)]
 
@@ -170,7 +178,8 @@ def test_triton_head_matches_reference_forward_and_backward(device, shape, mode,
     loss, grads = _loss_and_grads("triton", *problem, mode)
     assert loss.dtype == torch.float32 and loss.shape == ()
     _assert_close(loss, loss_ref, dtype, "loss")
-    for g, g_ref, name in zip(grads, grads_ref, NAMES):
+    assert len(grads) == len(_names(problem[1]))
+    for g, g_ref, name in zip(grads, grads_ref, _names(problem[1])):
         assert g.dtype == dtype, name
         _assert_close(g, g_ref, dtype, f"d loss / d {name}")
 
@@ -183,10 +192,10 @@ def test_fused_torch_path_matches_reference(shape, mode, use_abs):
     tokens, params, p_i, p_j, target = _problem(*shape, mode, use_abs, torch.float32, "cpu", seed=1)
     loss_ref, grads_ref = _loss_and_grads("torch", tokens, params, p_i, p_j, target, mode)
     loss = fused_pair_loss(tokens, p_i, p_j, target, params.w1, params.b1, params.w2, params.b2,
-                           list(params.out), mode, ops=TorchPairOps)
+                           list(params.out), mode, ops=TorchPairOps, shared=params.shared)
     grads = torch.autograd.grad(loss, _leaves(tokens, params))
     _assert_close(loss, loss_ref, torch.float32, "loss")
-    for g, g_ref, name in zip(grads, grads_ref, NAMES):
+    for g, g_ref, name in zip(grads, grads_ref, _names(params)):
         _assert_close(g, g_ref, torch.float32, f"d loss / d {name}")
 
 
@@ -197,11 +206,14 @@ def test_gradcheck_float64_and_triton_against_it(device, mode, use_abs):
     tokens, params, p_i, p_j, target = _problem(2, 3, 4, 3, 5, mode, use_abs, torch.float64, "cpu", seed=5)
     leaves = _leaves(tokens, params)
     n_out = len(params.out)
+    names = _names(params)
 
     def loss_of(ops):
-        def f(tok, w1, b1, w2, b2, *out):
+        def f(tok, w1, b1, w2, b2, *rest):
+            shared = None if mode == "l1" else (rest[0], rest[1])
+            out = rest if mode == "l1" else rest[2:]
             pairs = [(out[2 * i], out[2 * i + 1]) for i in range(n_out)]
-            return fused_pair_loss(tok, p_i, p_j, target, w1, b1, w2, b2, pairs, mode, ops=ops)
+            return fused_pair_loss(tok, p_i, p_j, target, w1, b1, w2, b2, pairs, mode, ops=ops, shared=shared)
         return f
 
     assert torch.autograd.gradcheck(loss_of(TorchPairOps), leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -214,7 +226,7 @@ def test_gradcheck_float64_and_triton_against_it(device, mode, use_abs):
     assert loss_k.dtype == torch.float64
     grads_k = torch.autograd.grad(loss_k, leaves)
     _assert_close(loss_k, loss_t, torch.float64, "loss")
-    for g, g_t, name in zip(grads_k, grads_t, NAMES):
+    for g, g_t, name in zip(grads_k, grads_t, names):
         _assert_close(g.cpu(), g_t, torch.float64, f"d loss / d {name}")
 
 
@@ -262,6 +274,55 @@ def test_resolve_backend():
         dispatch.resolve_backend("cuda", "cpu")
 
 
+def test_auto_on_cuda_falls_back_to_torch_when_triton_is_missing(monkeypatch, caplog):
+    """engine.kernels=auto on a CUDA device without the triton package runs the PyTorch reference and says so
+    once; an explicit engine.kernels=triton says how to fix it instead of sending the user back to 'auto'."""
+    from kernels import triton_runtime
+
+    monkeypatch.setattr(dispatch, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_runtime, "triton_available", lambda: False)
+    dispatch._warn_no_triton.cache_clear()
+    with caplog.at_level("WARNING", logger="smallvit"):
+        assert dispatch.resolve_backend("auto", "cuda") == "torch"
+        assert dispatch.resolve_backend("auto", "cuda:0") == "torch"
+    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
+    assert "triton package is not installed" in caplog.records[0].getMessage()
+    assert dispatch.resolve_backend("triton", "cuda") == "triton"
+    with pytest.raises(TritonUnavailableError, match="engine.kernels=triton.*install triton.*engine.kernels=torch"):
+        load_kernels("kernels.drloc_triton", torch.device("cuda"), "drloc_pair_loss")
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+    assert dispatch.resolve_backend("auto", "cuda") == "triton"
+
+
+# (B, k, m, C, H): odd sizes, a single pair, a 1x1 grid
+FP64_SHAPES = [(3, 3, 5, 7, 9), (2, 1, 1, 3, 5), (5, 4, 7, 5, 11)]
+
+
+@pytest.mark.parametrize("mode,use_abs", [("l1", True), ("ce", False), ("cbr", True), ("cbr", False)])
+@pytest.mark.parametrize("shape", FP64_SHAPES)
+def test_triton_fp64_equals_the_fp64_reference(device, shape, mode, use_abs):
+    """The plain PyTorch reference computes float64 inputs in float64 (it used to cast its losses to float32), so
+    the Triton kernels' fp64 accumulation is compared with a true fp64 reference: loss and every gradient to 1e-10."""
+    problem = _problem(*shape, mode, use_abs, torch.float64, device, seed=sum(shape))
+    loss_ref, grads_ref = _loss_and_grads("torch", *problem, mode)
+    assert loss_ref.dtype == torch.float64
+    loss, grads = _loss_and_grads("triton", *problem, mode)
+    assert loss.dtype == torch.float64
+    _assert_close(loss, loss_ref, torch.float64, "loss")
+    for g, g_ref, name in zip(grads, grads_ref, _names(problem[1]), strict=True):
+        _assert_close(g, g_ref, torch.float64, f"d loss / d {name}")
+
+
+def test_fp64_reference_passes_gradcheck():
+    tokens, params, p_i, p_j, target = _problem(2, 3, 4, 3, 5, "cbr", True, torch.float64, "cpu", seed=7)
+
+    def loss(tok, *weights):
+        w1, b1, w2, b2, w3, b3, wr, br, wc, bc = weights
+        head = dispatch.HeadParams(w1, b1, w2, b2, ((wr, br), (wc, bc)), w3, b3)
+        return dispatch.drloc_pair_loss(tok, p_i, p_j, target, head, "cbr", "torch")
+    assert torch.autograd.gradcheck(loss, _leaves(tokens, params), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 def test_triton_on_cpu_without_interpreter_says_how():
     triton = pytest.importorskip("triton")
     with triton.knobs.runtime.scope():
@@ -301,6 +362,37 @@ def test_head_params_from_drloc_head(interpret, mode):
     assert all(p.grad is not None for p in head.parameters())
 
 
+# (B, k, m, C, H): odd sizes throughout, a single pair, a 1x1 grid
+HEAD_MODULE_SHAPES = [(3, 3, 7, 5, 9), (2, 5, 1, 3, 13), (5, 1, 4, 7, 6)]
+
+
+@pytest.mark.parametrize("mode,use_abs", [("ce", True), ("ce", False), ("cbr", True), ("cbr", False), ("l1", True)])
+@pytest.mark.parametrize("shape", HEAD_MODULE_SHAPES)
+def test_fused_paths_equal_the_drloc_head_forward_and_backward(interpret, shape, mode, use_abs):
+    """DrlocHead (autograd through C's layer stack, the third Linear `layers.4` included for ce/cbr) against the
+    fused Function with the torch twins and with the Triton kernels (interpreter): loss and every gradient."""
+    from engine.tasks.drloc import DrlocHead
+    batch, k, m, c, h = shape
+    torch.manual_seed(sum(shape))
+    head = DrlocHead(c, k, mode=mode, use_abs=use_abs, hidden=h)
+    tokens = torch.randn(batch, k * k + 1, c)[:, 1:].requires_grad_()      # a CLS-dropping strided view
+    p_i, p_j, target = ref.counter_pairs_and_targets(batch, k, m, use_abs, sum(shape), "cpu", mode == "l1")
+    pred = head(ref.gather_pairs(tokens, p_i, p_j))
+    want = {"l1": lambda: ref.l1_loss(pred[0], target), "ce": lambda: ref.ce_loss(pred[0], pred[1], target),
+            "cbr": lambda: ref.cbr_loss(pred[0], pred[1], target)}[mode]()
+    leaves = [tokens, *head.parameters()]
+    names = ["tokens"] + [name for name, _ in head.named_parameters()]
+    if mode != "l1":
+        assert "layers.4.weight" in names and head.layers[4].weight.shape == (h, h)
+    grads_want = torch.autograd.grad(want, leaves)
+    params = dispatch.HeadParams.from_module(head)
+    for backend in ("torch", "triton"):
+        got = dispatch.drloc_pair_loss(tokens, p_i, p_j, target, params, mode, backend)
+        _assert_close(got, want, torch.float32, f"{backend} loss")
+        for g, g_want, name in zip(torch.autograd.grad(got, leaves), grads_want, names):
+            _assert_close(g, g_want, torch.float32, f"{backend}: d loss / d {name}")
+
+
 def test_autocast_bf16_gives_grads_in_param_dtype(interpret):
     tokens, params, p_i, p_j, target = _problem(3, 4, 6, 5, 8, "ce", True, torch.float32, "cpu", seed=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -308,7 +400,7 @@ def test_autocast_bf16_gives_grads_in_param_dtype(interpret):
         loss, grads = _loss_and_grads("triton", tokens, params, p_i, p_j, target, "ce")
     assert loss.dtype == torch.float32
     _assert_close(loss, loss_ref, torch.bfloat16, "loss")
-    for g, g_ref, name in zip(grads, grads_ref, NAMES):
+    for g, g_ref, name in zip(grads, grads_ref, _names(params)):
         assert g.dtype == torch.float32, name
         _assert_close(g, g_ref, torch.bfloat16, name)
 
@@ -327,6 +419,19 @@ def test_drloc_pair_loss_rejects_bad_inputs(bad, match):
         dispatch.drloc_pair_loss(**args)
 
 
+def test_ce_and_cbr_refuse_a_head_without_the_third_linear():
+    """A two-Linear ce/cbr head (the pre-fix layout) cannot slip through either backend; l1 takes none."""
+    tokens, params, p_i, p_j, target = _problem(2, 3, 4, 5, 6, "ce", True, torch.float32, "cpu")
+    short = dispatch.HeadParams(params.w1, params.b1, params.w2, params.b2, params.out)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="third Linear"):
+            dispatch.drloc_pair_loss(tokens, p_i, p_j, target, short, "ce", backend)
+    l1 = _problem(2, 3, 4, 5, 6, "l1", True, torch.float32, "cpu")
+    extra = dispatch.HeadParams(l1[1].w1, l1[1].b1, l1[1].w2, l1[1].b2, l1[1].out, params.w3, params.b3)
+    with pytest.raises(ValueError, match="third Linear"):
+        dispatch.drloc_pair_loss(l1[0], *l1[2:], extra, "l1", "torch")
+
+
 def test_deterministic_mode_uses_the_torch_scatter(interpret, monkeypatch):
     """Under torch.use_deterministic_algorithms the backward avoids the atomic-add kernel, same gradients."""
     problem = _problem(3, 3, 5, 4, 6, "ce", True, torch.float32, "cpu", seed=3)
@@ -341,7 +446,7 @@ def test_deterministic_mode_uses_the_torch_scatter(interpret, monkeypatch):
         monkeypatch.setattr(kernels, "scatter_pairs", refuse)
         torch.use_deterministic_algorithms(True)
         _, grads_det = _loss_and_grads("triton", *problem, "ce")
-        for g, g_det, name in zip(grads, grads_det, NAMES):
+        for g, g_det, name in zip(grads, grads_det, _names(problem[1])):
             _assert_close(g_det, g, torch.float32, name)
         torch.use_deterministic_algorithms(False)
         with pytest.raises(AssertionError, match="atomic scatter"):

@@ -160,3 +160,87 @@ def test_report_json_round_trip():
     assert data["not_loaded"] == [{"key": "head.weight", "reason": "missing (classifier: expected)"},
                                   {"key": "b", "reason": "shape (1,) -> (2,)"}]
     assert data["backbone_missing"] == [] and data["backbone_mismatched"] == ["b: (1,) -> (2,)"]
+
+
+# ------------------------------------------------------------------------------------ reference name maps
+def _drloc_task(mode: str, embed_dim: int, grid: int):
+    from engine.config import config_from_dict
+    from engine.tasks import build_tasks
+
+    cfg = config_from_dict({"tasks": {"drloc": {"enabled": True, "mode": mode}}})
+    return build_tasks(cfg, embed_dim, grid)[0]
+
+
+def test_cs_drloc_head_loads_from_cs_checkpoint_names(tmp_path):
+    """C's whole-model state dict ({'model': ...}, DDP's `module.`): its `drloc.0.layers.*` / `drloc.0.unshared.*`
+    (C's shapes, the third Linear layers.4 included) load into the drloc task's head; C's backbone keys, which
+    belong to another network, are reported unexpected."""
+    from test_tasks_drloc import c_state_dict_shapes
+
+    torch.manual_seed(0)
+    model = small_vit(10)
+    task = _drloc_task("ce", 32, model.grid_size)
+    head_state = {k: torch.randn(shape) for k, shape in c_state_dict_shapes(32, "ce", model.grid_size).items()}
+    state = {f"module.drloc.0.{k}": v for k, v in head_state.items()}
+    state["module.layers.0.blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)          # C's Swin-T: not ours
+    torch.save({"model": state, "epoch": 3}, tmp_path / "ckpt_epoch_3.pth")
+    report = load_backbone_weights(model, read_state_dict(tmp_path / "ckpt_epoch_3.pth"), heads={"drloc": task})
+    for key, value in head_state.items():
+        assert torch.equal(task.head.state_dict()[key], value), key
+    assert report.references == ["C"] and len(report.renamed) == len(head_state) == 10
+    assert report.unexpected == ["layers.0.blocks.0.attn.qkv.weight"] and report.heads_missing == []
+
+
+def test_as_translation_and_scale_heads_load(tmp_path):
+    """A's Auxillary state dict: `backbone.*` (B's ViT names) and `mlp_head_trans` / `mlp_head_scale` =
+    LayerNorm(2D) + Mlp(fc1, fc2) -> the perceptibility task's translate_head / scale_head."""
+    from engine.config import config_from_dict
+    from engine.tasks import build_tasks
+
+    torch.manual_seed(0)
+    source = small_vit(10)
+    cfg = config_from_dict({"tasks": {"perceptibility": {"enabled": True, "kind": "both"}}})
+    theirs = build_tasks(cfg, 32, 8)[0]
+    state = {f"backbone.{k}": v for k, v in source.state_dict().items()}
+    for ours, prefix in (("translate_head", "mlp_head_trans"), ("scale_head", "mlp_head_scale")):
+        head = getattr(theirs, ours)
+        state.update({f"{prefix}.0.{k}": v for k, v in head.norm.state_dict().items()})
+        state.update({f"{prefix}.1.{fc}.{k}": v for fc in ("fc1", "fc2")
+                      for k, v in getattr(head, fc).state_dict().items()})
+    torch.save({"model_state_dict": state, "epoch": 299}, tmp_path / "best.pth")
+    torch.manual_seed(1)
+    model, task = small_vit(10), build_tasks(cfg, 32, 8)[0]
+    report = load_backbone_weights(model, read_state_dict(tmp_path / "best.pth"), heads={"perceptibility": task})
+    assert (report.missing, report.unexpected, report.mismatched, report.heads_missing) == ([], [], [], [])
+    assert report.references == ["A"] and len(report.renamed) == 12
+    for a, b in zip(task.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+def test_bs_cait_patch_linear_is_laid_out_as_our_conv():
+    """B's CaiT embeds patches with Rearrange('b c (h p1) (w p2) -> b (h w) (p1 p2 c)') + Linear; loaded as
+    patch_embed.proj (a conv), it computes the same tokens."""
+    torch.manual_seed(0)
+    model = create_model("cait_cifar", num_classes=10, depth=1, depth_token_only=1, embed_dim=16, num_heads=2)
+    weight, bias = torch.randn(16, 48), torch.randn(16)
+    report = load_backbone_weights(model, {"patch_embed.1.weight": weight, "patch_embed.1.bias": bias})
+    assert report.mismatched == [] and report.references == ["B"]
+    x = torch.randn(2, 3, 32, 32)
+    patches = x.reshape(2, 3, 8, 4, 8, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 64, 48)    # (h w) (p1 p2 c)
+    torch.testing.assert_close(model.patch_embed(x), patches @ weight.T + bias)
+
+
+def test_task_heads_absent_from_the_checkpoint_are_reported_not_refused():
+    torch.manual_seed(0)
+    teacher, model = small_vit(0), small_vit(10)
+    task = _drloc_task("l1", 32, model.grid_size)
+    report = load_backbone_weights(model, teacher.state_dict(), heads={"drloc": task})
+    assert report.missing == ["head.bias", "head.weight"] and report.backbone_missing == []
+    assert report.heads_missing == sorted(f"drloc.head.{k}" for k in task.head.state_dict())
+    assert {"key": "drloc.head.layers.0.weight", "reason": "missing (auxiliary head: kept as initialised)"} in \
+        report.not_loaded()
+    c_l1 = {"drloc.layers.4.weight": torch.zeros(7, 512)}                           # another output size
+    report = load_backbone_weights(model, c_l1, heads={"drloc": task})
+    assert report.heads_mismatched == ["drloc.head.layers.4.weight: (7, 512) -> (2, 512)"]
+    assert report.backbone_mismatched == []

@@ -83,12 +83,43 @@ def test_head_shapes(mode, use_abs, n):
     head = DrlocHead(32, 7, mode, use_abs)
     assert head.layers[0].in_features == 64 and head.layers[0].out_features == 512
     out = head(torch.randn(2, 5, 64))
+    assert isinstance(head.layers[3], torch.nn.ReLU)           # ReLU after the second Linear, every mode
     if mode == "l1":
         assert len(out) == 1 and out[0].shape == (2, 5, 2)
-        assert isinstance(head.layers[3], torch.nn.ReLU)      # ReLU before the last Linear
     else:
         assert [o.shape for o in out] == [(2, 5, n), (2, 5, n)]
-        assert len(head.layers) == 3                           # no ReLU after the second Linear
+        assert len(head.layers) == 5                           # C's third Linear(512, 512), no ReLU after it
+
+
+def c_state_dict_shapes(in_dim: int, mode: str, n: int) -> dict[str, tuple[int, ...]]:
+    """The state dict of C's DenseRelativeLoc(in_dim, out_dim, drloc_mode=mode) (VTs-Drloc drloc/aux_modules.py):
+    layers = Linear(2C,512) ReLU Linear(512,512) ReLU Linear(512, 2 | 512); ce/cbr add unshared[2] Linear(512, n)."""
+    shapes = {"layers.0.weight": (512, 2 * in_dim), "layers.0.bias": (512,), "layers.2.weight": (512, 512),
+              "layers.2.bias": (512,)}
+    if mode == "l1":
+        return {**shapes, "layers.4.weight": (2, 512), "layers.4.bias": (2,)}
+    shapes.update({"layers.4.weight": (512, 512), "layers.4.bias": (512,)})
+    for i in range(2):
+        shapes.update({f"unshared.{i}.weight": (n, 512), f"unshared.{i}.bias": (n,)})
+    return shapes
+
+
+@pytest.mark.parametrize("mode,use_abs,n", [("l1", True, 2), ("ce", True, 7), ("cbr", False, 13)])
+def test_head_state_dict_is_cs_and_a_c_state_dict_loads(mode, use_abs, n):
+    """Same keys and shapes as C's head, so C's drloc weights load strictly; the forward is C's:
+    relu(L0) -> relu(L2) -> L4 [-> unshared rows / cols]."""
+    head = DrlocHead(24, 7, mode, use_abs)
+    want = c_state_dict_shapes(24, mode, n)
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == want
+    gen = torch.Generator().manual_seed(3)
+    c_state = {k: torch.randn(shape, generator=gen) / 8 for k, shape in want.items()}
+    head.load_state_dict(c_state, strict=True)
+    pairs = torch.randn(3, 5, 48, generator=gen)
+    lin = lambda x, name: F.linear(x, c_state[f"{name}.weight"], c_state[f"{name}.bias"])  # noqa: E731
+    h = lin(F.relu(lin(F.relu(lin(pairs, "layers.0")), "layers.2")), "layers.4")
+    expected = [h] if mode == "l1" else [lin(h, "unshared.0"), lin(h, "unshared.1")]
+    for got, exp in zip(head(pairs), expected, strict=True):
+        torch.testing.assert_close(got, exp)
 
 
 def test_l1_and_ce_losses():

@@ -5,7 +5,8 @@ before the final norm, so auxiliary tasks never need a second forward pass for t
 
 Every registered model also has `forward(x) -> logits`, `embed_dim` (the channel count C of `ModelOutput.tokens`,
 which for Swin is the last stage's width, not the stem's) and `grid_size` (k, the side of the token grid).
-Registered: vit_cifar, vit_tiny_imagenet, swin_cifar, swin_tiny_imagenet, cait_cifar, cait_tiny_imagenet.
+Registered: vit_cifar, vit_tiny_imagenet, swin_cifar, swin_tiny_imagenet, cait_cifar, cait_tiny_imagenet (B's
+networks; D's ViT is vit_* with D's options, engine/models/options.py), cait_d_cifar, cait_d_tiny_imagenet (D's CaiT).
 """
 from __future__ import annotations
 
@@ -67,4 +68,4 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return _REGISTRY[name](**kwargs)
 
 
-from engine.models import cait, swin, vit  # noqa: E402,F401  (registers)
+from engine.models import cait, cait_d, swin, vit  # noqa: E402,F401  (registers)

@@ -5,6 +5,8 @@ Reference: B's cait_models (a copy of timm's CaiT): embed 192, 24 talking-head b
 4 heads, mlp ratio 2 (class-attention blocks keep ratio 4, the code's `mlp_ratio_clstk` default), qkv bias,
 LayerScale init 1e-5, constant drop-path on the 24 blocks: 8,053,450 parameters with 10 classes. METHODS.md's
 "≈7.7M" is the papers' quoted figure; B's code gives 8.05M, and 7,757,770 only with `cls_mlp_ratio=2.0`.
+B's init (the default, init='b') is timm's except the patch embedding (a Linear in B: trunc-normal(0.02)).
+D's CaiT is another network: engine/models/cait_d.py.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 from timm.models.cait import Cait
 
 from engine.models import ModelOutput, register_model
+from engine.models import options
 from engine.models.lsa import LSAClassAttn, LSATalkingHeadAttn, LSATalkingHeadAttnReference
 from engine.models.spt import SPTPatchEmbed
 
@@ -46,25 +49,37 @@ class SmallCaiT(Cait):
 
 
 def _cait(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool,
-          cls_mlp_ratio: float, lsa_reference_diagonal: bool, **overrides) -> SmallCaiT:
+          cls_mlp_ratio: float, lsa_reference_diagonal: bool, qkv_bias: bool, norm_eps: float,
+          drop_path_schedule: str, init: str, **overrides) -> SmallCaiT:
+    options.check_init(init, ("timm", "b"), "cait (D's CaiT is cait_d_cifar / cait_d_tiny_imagenet)")
     kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=192, depth=24, num_heads=4, mlp_ratio=2.0,
-                  qkv_bias=True, init_values=1e-5, depth_token_only=2, mlp_ratio_token_only=cls_mlp_ratio,
-                  drop_path_rate=drop_path, num_classes=num_classes)
+                  qkv_bias=qkv_bias, init_values=1e-5, depth_token_only=2, mlp_ratio_token_only=cls_mlp_ratio,
+                  drop_path_rate=drop_path, num_classes=num_classes, norm_layer=options.norm_layer(norm_eps))
     kwargs.update(overrides)
-    return SmallCaiT(spt=spt, lsa=lsa, lsa_reference_diagonal=lsa_reference_diagonal, **kwargs)
+    model = SmallCaiT(spt=spt, lsa=lsa, lsa_reference_diagonal=lsa_reference_diagonal, **kwargs)
+    if drop_path_schedule != "constant":
+        options.set_drop_path(model.blocks, options.drop_path_rates(drop_path, len(model.blocks),
+                                                                    drop_path_schedule))
+    if init == "b":
+        options.init_b_cait(model)
+    return model
 
 
 @register_model
 def cait_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
                img_size: int = 32, cls_mlp_ratio: float = 4.0, lsa_reference_diagonal: bool = False,
+               qkv_bias: bool = True, norm_eps: float = 1e-6, drop_path_schedule: str = "constant", init: str = "b",
                **overrides) -> SmallCaiT:
     """32 px, patch 4, embed 192, depth 24 + 2, 4 heads, mlp 2, LayerScale 1e-5: 8,053,450 parameters (10 classes)."""
-    return _cait(img_size, 4, num_classes, drop_path, spt, lsa, cls_mlp_ratio, lsa_reference_diagonal, **overrides)
+    return _cait(img_size, 4, num_classes, drop_path, spt, lsa, cls_mlp_ratio, lsa_reference_diagonal, qkv_bias,
+                 norm_eps, drop_path_schedule, init, **overrides)
 
 
 @register_model
 def cait_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
                        img_size: int = 64, cls_mlp_ratio: float = 4.0, lsa_reference_diagonal: bool = False,
-                       **overrides) -> SmallCaiT:
+                       qkv_bias: bool = True, norm_eps: float = 1e-6, drop_path_schedule: str = "constant",
+                       init: str = "b", **overrides) -> SmallCaiT:
     """64 px, patch 8, otherwise as cait_cifar: 8,117,768 parameters with 200 classes."""
-    return _cait(img_size, 8, num_classes, drop_path, spt, lsa, cls_mlp_ratio, lsa_reference_diagonal, **overrides)
+    return _cait(img_size, 8, num_classes, drop_path, spt, lsa, cls_mlp_ratio, lsa_reference_diagonal, qkv_bias,
+                 norm_eps, drop_path_schedule, init, **overrides)

@@ -5,11 +5,19 @@ run's EMA-teacher backbone, loaded by parameter name, with every key that did no
                          runs/ssl_cifar10_vit/checkpoints/step_00039000    # a checkpoint folder
                          teacher.safetensors           # a weights file
                          dino_checkpoint.pth           # a torch file holding {finetune_key: state dict, ...}
+                         checkpoint.pth                # a reference repository's checkpoint (A, B, C, D)
 
 The reference (B's finetune.py) pairs checkpoint and model keys by position, which silently misloads when the two
 orders differ; here a tensor loads only into the parameter or buffer of the same name (after stripping DataParallel's
 `module.` and DINO's `backbone.` prefixes) and the same shape. One exception: an absolute position embedding of
 another grid (pretraining at another resolution) is resized with DINO's bicubic interpolation and reported as such.
+
+A reference repository's checkpoint loads the same way after its keys are renamed by the documented maps of
+engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding, C's drloc head, A's translation and
+scale heads; every renamed key is in the report). The auxiliary tasks' heads load too when the run has those tasks
+(`drloc.head.*`, `perceptibility.translate_head.*`, ...); a head the checkpoint lacks keeps its initialisation and
+is reported, never refused. A torch file that is a dict of entries is read at `model.finetune_key` (default
+'teacher'), else at the references' own entries 'model_state_dict' (A, D), 'model' (C), 'state_dict'.
 
 The pretraining exports the teacher backbone only (built with num_classes=0), so the classifier's keys are expected
 missing. Anything else missing or mismatched is a backbone that did not load: the run refuses to start unless
@@ -29,11 +37,13 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError, ModelConfig
+from engine.models.reference_names import translate_key
 
 KEY = "model.finetune_from"
 PREFIXES = ("module.", "backbone.")   # DataParallel/DDP and DINO's MultiCropWrapper add these
 REPORT_FILE = "finetune_load.json"
 POSITION_EMBEDDINGS = ("pos_embed", "absolute_pos_embed")   # ViT/CaiT (1, P + k*k, C); Swin ape (1, k, k, C)
+CONTAINER_KEYS = ("model_state_dict", "model", "state_dict")   # where A/D, C and others keep the weights
 
 log = logging.getLogger("smallvit")
 
@@ -47,6 +57,11 @@ class LoadReport:
     mismatched: list[str] = field(default_factory=list)    # same name, different shape: "key: ckpt -> model"
     interpolated: list[str] = field(default_factory=list)  # position embeddings resized: "key: ckpt -> model"
     classifier: list[str] = field(default_factory=list)    # the model's classifier keys (expected missing)
+    heads_missing: list[str] = field(default_factory=list)     # auxiliary-head keys the checkpoint lacks, and
+    heads_mismatched: list[str] = field(default_factory=list)  # those of another shape: kept as initialised, and
+                                                               # never a reason to refuse
+    renamed: list[str] = field(default_factory=list)       # reference keys renamed: "theirs -> ours"
+    references: list[str] = field(default_factory=list)    # whose name maps renamed them ('A', 'B', 'C', 'D')
 
     @property
     def backbone_missing(self) -> list[str]:
@@ -64,6 +79,11 @@ class LoadReport:
                 f"{self.mismatched}")
         if self.interpolated:
             text += f"; interpolated {len(self.interpolated)}: {self.interpolated}"
+        if self.references:
+            text += f"; {len(self.renamed)} keys renamed by the name maps of reference {', '.join(self.references)}"
+        if self.heads_missing or self.heads_mismatched:
+            text += (f"; auxiliary heads kept as initialised: {len(self.heads_missing)} missing, "
+                     f"{len(self.heads_mismatched)} mismatched")
         return text
 
     def not_loaded(self) -> list[dict[str, str]]:
@@ -71,6 +91,9 @@ class LoadReport:
         or 'shape (ckpt) -> (model)'."""
         rows = [{"key": k, "reason": "missing (classifier: expected)" if k in self.classifier else "missing"}
                 for k in self.missing]
+        rows += [{"key": k, "reason": "missing (auxiliary head: kept as initialised)"} for k in self.heads_missing]
+        rows += [{"key": t.split(": ", 1)[0], "reason": f"shape {t.split(': ', 1)[1]} (auxiliary head: kept as "
+                  f"initialised)"} for t in self.heads_mismatched]
         rows += [{"key": k, "reason": "unexpected"} for k in self.unexpected]
         for text in self.mismatched:
             key, shapes = text.split(": ", 1)
@@ -119,8 +142,13 @@ def resolve_weights_file(source: str | Path) -> Path:
     return weights
 
 
+def _is_state_dict(blob) -> bool:
+    return isinstance(blob, dict) and bool(blob) and all(isinstance(v, torch.Tensor) for v in blob.values())
+
+
 def read_state_dict(path: str | Path, key: str = "teacher") -> dict[str, torch.Tensor]:
-    """The state dict in a weights file: entry `key` when the file holds a dict with it, else the file itself;
+    """The state dict in a weights file: entry `key` when the file holds a dict with it, else the file itself when
+    it is a state dict, else its first entry of CONTAINER_KEYS (the reference repositories' checkpoint dicts);
     prefixes stripped. Torch files load with weights_only (never unpickle objects). Raises ConfigError naming
     model.finetune_from and the file."""
     p = Path(path)
@@ -140,7 +168,9 @@ def read_state_dict(path: str | Path, key: str = "teacher") -> dict[str, torch.T
             raise ConfigError(f"{KEY}: {p} does not load as plain tensors ({type(exc).__name__})") from None
     if key and isinstance(blob, dict) and key in blob:
         blob = blob[key]
-    if not isinstance(blob, dict) or not blob or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+    elif isinstance(blob, dict) and not _is_state_dict(blob):
+        blob = next((blob[k] for k in CONTAINER_KEYS if _is_state_dict(blob.get(k))), blob)
+    if not _is_state_dict(blob):
         raise ConfigError(f"{KEY}: {p} holds no state dict (looked for entry 'model.finetune_key: {key}')")
     return strip_prefixes(blob)
 
@@ -182,32 +212,56 @@ def _resize_position_embedding(key: str, value: torch.Tensor, target: torch.Tens
     return interpolate_pos_embed(value.float(), grid[0], prefix).to(value.dtype)
 
 
-def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], interpolate_pos: bool = True
-                          ) -> LoadReport:
-    """Copy every same-name, same-shape tensor of `state` into `model` (position embeddings of another grid
-    resized when `interpolate_pos`); return what did and did not load."""
-    own = model.state_dict()
+def _with_heads(model: nn.Module, heads: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The model's state dict plus each head's under '<name>.' (what the reference maps rename into)."""
+    own = dict(model.state_dict())
+    for name, head in heads.items():
+        own.update({f"{name}.{k}": v for k, v in head.state_dict().items()})
+    return own
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], interpolate_pos: bool = True,
+                          heads: Optional[dict[str, nn.Module]] = None) -> LoadReport:
+    """Copy every same-name, same-shape tensor of `state` (reference names translated first) into `model` and the
+    auxiliary `heads` ({task name: module}; their keys '<name>.<key>'); position embeddings of another grid resized
+    when `interpolate_pos`; return what did and did not load."""
+    heads = heads or {}
+    own = _with_heads(model, heads)
     report = LoadReport(classifier=classifier_keys(model))
     usable, mismatched = {}, set()
-    for key, value in state.items():
+    for theirs, value in state.items():
+        key, rule = translate_key(theirs)
         if key not in own:
-            report.unexpected.append(key)
+            report.unexpected.append(theirs)
             continue
+        if rule is not None:
+            report.renamed.append(f"{theirs} -> {key}")
+            if rule.reference not in report.references:
+                report.references.append(rule.reference)
+            if rule.transform is not None and own[key].shape != value.shape:
+                laid_out = rule.transform(value, own[key])
+                value = value if laid_out is None else laid_out
         if own[key].shape != value.shape:
             resized = _resize_position_embedding(key, value, own[key], model) if interpolate_pos else None
             shapes = f"{tuple(value.shape)} -> {tuple(own[key].shape)}"
             if resized is None:
                 mismatched.add(key)
-                report.mismatched.append(f"{key}: {shapes}")
+                in_head = key.split(".", 1)[0] in heads
+                (report.heads_mismatched if in_head else report.mismatched).append(f"{key}: {shapes}")
                 continue
             report.interpolated.append(f"{key}: {shapes}")
             value = resized
         usable[key] = value
-    model.load_state_dict(usable, strict=False)
+    model.load_state_dict({k: v for k, v in usable.items() if k.split(".", 1)[0] not in heads}, strict=False)
+    for name, head in heads.items():
+        prefix = f"{name}."
+        head.load_state_dict({k[len(prefix):]: v for k, v in usable.items() if k.startswith(prefix)}, strict=False)
     report.loaded = sorted(usable)
-    report.missing = sorted(k for k in own if k not in usable and k not in mismatched)
-    report.unexpected.sort()
-    report.mismatched.sort()
+    not_loaded = sorted(k for k in own if k not in usable and k not in mismatched)
+    report.missing = [k for k in not_loaded if k.split(".", 1)[0] not in heads]
+    report.heads_missing = [k for k in not_loaded if k.split(".", 1)[0] in heads]
+    for names in (report.unexpected, report.mismatched, report.heads_mismatched, report.references):
+        names.sort()
     return report
 
 
@@ -217,12 +271,14 @@ def _first(keys: list[str], n: int = 6) -> str:
 
 
 def load_finetune_weights(model: nn.Module, cfg: ModelConfig, out_dir: str | Path | None = None,
-                          is_main: bool = True) -> LoadReport:
-    """The fine-tune start: resolve `cfg.finetune_from`, load by name, log the report and write it to
+                          is_main: bool = True, tasks: Optional[nn.ModuleList] = None) -> LoadReport:
+    """The fine-tune start: resolve `cfg.finetune_from`, load by name into the model and the auxiliary tasks'
+    heads (`tasks`: engine.tasks.build_tasks' list, or None), log the report and write it to
     out_dir/finetune_load.json (main rank), then refuse (ConfigError naming model.finetune_from and the file) when
     no weight loaded, or, with `cfg.finetune_strict`, when any backbone key is missing or mismatched."""
     weights = resolve_weights_file(cfg.finetune_from)
-    report = load_backbone_weights(model, read_state_dict(weights, cfg.finetune_key))
+    heads = {task.name: task for task in tasks} if tasks is not None else None
+    report = load_backbone_weights(model, read_state_dict(weights, cfg.finetune_key), heads=heads)
     report.source = str(weights)
     if is_main:
         log.info("%s %s (%s): %s", KEY, cfg.finetune_from, weights, report.summary())

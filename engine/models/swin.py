@@ -7,13 +7,13 @@ LayerNorm eps 1e-6, no absolute position embedding) = timm's SwinTransformer wit
 heads 3-6-12, window 4, mlp ratio 2: 7,048,612 parameters with 10 classes. Stage grids for 32 px / patch 2 and
 64 px / patch 4 are 16 -> 8 -> 4; the last stage (4 x 4) fits one window, so it is not shifted.
 
+B's init is timm's (trunc-normal(0.02) Linear weights and bias table, LayerNorm 1/0): init 'b' and 'timm' are one.
+
 D's Swin (SPT_LSA_ViT) differs: an absolute position embedding (`ape=True`, +L*96 parameters: 7,073,188 with 10
 classes) and, with `spt=True`, SPT as the stem and in place of every PatchMerging; with `lsa=True` every window
 attention becomes engine.models.lsa.LSAWindowAttention.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 from timm.layers import trunc_normal_
@@ -21,6 +21,7 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from torch import nn
 
 from engine.models import ModelOutput, register_model
+from engine.models import options
 from engine.models.lsa import LSAWindowAttention
 from engine.models.spt import SPTMerging, SPTPatchEmbed
 
@@ -96,23 +97,32 @@ class SmallSwin(SwinTransformer):
 
 
 def _swin(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool, ape: bool,
-          **overrides) -> SmallSwin:
+          qkv_bias: bool, norm_eps: float, drop_path_schedule: str, init: str, **overrides) -> SmallSwin:
+    options.check_init(init, ("timm", "b"), "swin")
     kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=96, depths=(2, 6, 4), num_heads=(3, 6, 12),
-                  window_size=4, mlp_ratio=2.0, qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes,
-                  norm_layer=partial(nn.LayerNorm, eps=1e-6))
+                  window_size=4, mlp_ratio=2.0, qkv_bias=qkv_bias, drop_path_rate=drop_path, num_classes=num_classes,
+                  norm_layer=options.norm_layer(norm_eps))
     kwargs.update(overrides)
-    return SmallSwin(spt=spt, lsa=lsa, ape=ape, **kwargs)
+    model = SmallSwin(spt=spt, lsa=lsa, ape=ape, **kwargs)
+    if drop_path_schedule != "linear":    # timm's rule runs over all blocks of all stages, so does this
+        blocks = [block for stage in model.layers for block in stage.blocks]
+        options.set_drop_path(blocks, options.drop_path_rates(drop_path, len(blocks), drop_path_schedule))
+    return model
 
 
 @register_model
 def swin_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-               ape: bool = False, img_size: int = 32, **overrides) -> SmallSwin:
+               ape: bool = False, img_size: int = 32, qkv_bias: bool = True, norm_eps: float = 1e-6,
+               drop_path_schedule: str = "linear", init: str = "b", **overrides) -> SmallSwin:
     """32 px, patch 2, embed 96, depths 2-6-4, heads 3-6-12, window 4, mlp 2: 7,048,612 parameters (10 classes)."""
-    return _swin(img_size, 2, num_classes, drop_path, spt, lsa, ape, **overrides)
+    return _swin(img_size, 2, num_classes, drop_path, spt, lsa, ape, qkv_bias, norm_eps, drop_path_schedule, init,
+                 **overrides)
 
 
 @register_model
 def swin_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-                       ape: bool = False, img_size: int = 64, **overrides) -> SmallSwin:
+                       ape: bool = False, img_size: int = 64, qkv_bias: bool = True, norm_eps: float = 1e-6,
+                       drop_path_schedule: str = "linear", init: str = "b", **overrides) -> SmallSwin:
     """64 px, patch 4, otherwise as swin_cifar: 7,125,218 parameters with 200 classes."""
-    return _swin(img_size, 4, num_classes, drop_path, spt, lsa, ape, **overrides)
+    return _swin(img_size, 4, num_classes, drop_path, spt, lsa, ape, qkv_bias, norm_eps, drop_path_schedule, init,
+                 **overrides)

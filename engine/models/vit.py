@@ -2,8 +2,14 @@
 so its state dict loads into plain timm (`timm.models.VisionTransformer(**model.timm_kwargs)`) when neither SPT
 nor LSA is on (those replace timm's patch embedding / attention with engine.models.spt / engine.models.lsa).
 
-Reference: B's VisionTransformer (timm's design: conv patch embedding, qkv bias, LayerNorm eps 1e-6, CLS token,
-learned position embedding, linearly increasing drop-path) = 2,697,610 parameters for vit_cifar with 10 classes.
+Reference (the defaults): B's VisionTransformer (timm's design: conv patch embedding, qkv bias, LayerNorm eps 1e-6,
+CLS token, learned position embedding, linearly increasing drop-path; B's init: timm's but a trunc-normal(0.02)
+cls_token) = 2,697,610 parameters for vit_cifar with 10 classes.
+
+D's ViT (SPT_LSA_ViT models/vit.py) is the same network up to options (engine/models/options.py):
+qkv_bias=False, norm_eps=1e-5, drop_path_schedule='constant', init='d' -- 2,692,426 parameters, 2,729,878 with
+spt and lsa (10 classes). Its patch embedding, Rearrange + Linear(3 p^2, dim), is our conv with the weight laid out
+(dim, 3, p, p) instead of (dim, (p p 3)); engine/models/reference_names.py translates D's state dict.
 """
 from __future__ import annotations
 
@@ -11,8 +17,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from engine.models import ModelOutput, register_model
+from engine.models import options
 from engine.models.lsa import LSAAttention
 from engine.models.spt import SPTPatchEmbed
+
+INITS = {"timm": None, "b": options.init_b_vit, "d": options.init_d}
 
 
 class SmallViT(VisionTransformer):
@@ -40,23 +49,35 @@ class SmallViT(VisionTransformer):
         return ModelOutput(logits=logits, tokens=tokens, num_prefix=self.num_prefix_tokens, grid=self.grid_size)
 
 
-def _vit(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool,
-         **overrides) -> SmallViT:
+def _vit(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool, qkv_bias: bool,
+         norm_eps: float, drop_path_schedule: str, init: str, **overrides) -> SmallViT:
+    options.check_init(init, tuple(INITS), "vit")
     kwargs = dict(img_size=img_size, patch_size=patch, embed_dim=192, depth=9, num_heads=12, mlp_ratio=2.0,
-                  qkv_bias=True, drop_path_rate=drop_path, num_classes=num_classes)
+                  qkv_bias=qkv_bias, drop_path_rate=drop_path, num_classes=num_classes,
+                  norm_layer=options.norm_layer(norm_eps))
     kwargs.update(overrides)   # e.g. depth=2, embed_dim=64 for small test models
-    return SmallViT(spt=spt, lsa=lsa, **kwargs)
+    model = SmallViT(spt=spt, lsa=lsa, **kwargs)
+    if drop_path_schedule != "linear":
+        options.set_drop_path(model.blocks, options.drop_path_rates(drop_path, len(model.blocks),
+                                                                    drop_path_schedule))
+    if INITS[init] is not None:
+        INITS[init](model)
+    return model
 
 
 @register_model
 def vit_cifar(num_classes: int = 10, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-              img_size: int = 32, **overrides) -> SmallViT:
+              img_size: int = 32, qkv_bias: bool = True, norm_eps: float = 1e-6, drop_path_schedule: str = "linear",
+              init: str = "b", **overrides) -> SmallViT:
     """32 px, patch 4, dim 192, depth 9, 12 heads, mlp ratio 2: 2,697,610 parameters with 10 classes."""
-    return _vit(img_size, 4, num_classes, drop_path, spt, lsa, **overrides)
+    return _vit(img_size, 4, num_classes, drop_path, spt, lsa, qkv_bias, norm_eps, drop_path_schedule, init,
+                **overrides)
 
 
 @register_model
 def vit_tiny_imagenet(num_classes: int = 200, drop_path: float = 0.1, spt: bool = False, lsa: bool = False,
-                      img_size: int = 64, **overrides) -> SmallViT:
+                      img_size: int = 64, qkv_bias: bool = True, norm_eps: float = 1e-6,
+                      drop_path_schedule: str = "linear", init: str = "b", **overrides) -> SmallViT:
     """64 px, patch 8 (64 tokens + CLS), otherwise as vit_cifar: 2,761,928 parameters with 200 classes."""
-    return _vit(img_size, 8, num_classes, drop_path, spt, lsa, **overrides)
+    return _vit(img_size, 8, num_classes, drop_path, spt, lsa, qkv_bias, norm_eps, drop_path_schedule, init,
+                **overrides)

@@ -3,7 +3,8 @@
 targets: per image m positions p_i and, independently, m positions p_j, uniform over the k x k grid with
          replacement; offsets (B, m, 2) (rows, cols) in grid cells: |Δ| (use_abs) or Δ + (k-1).
 head:    Linear(2C,512) ReLU Linear(512,512) ReLU Linear(512,2)   (l1)
-         Linear(2C,512) ReLU Linear(512,512), then Linear(512,n) for rows and for cols   (ce, cbr)
+         Linear(2C,512) ReLU Linear(512,512) ReLU Linear(512,512), then Linear(512,n) for rows and for cols
+         (ce, cbr; n = k with use_abs, else 2k-1)
 loss:    l1 / ce / cbr from kernels.drloc_reference (the Triton twin is tested against it).
 weight:  lambda(e) = lambda0*e/20 for e <= 20, then lambda0*(1 - (e-20)/(E-20)), E = optim.epochs; e is the
          integer epoch unless tasks.drloc.weight_per_step.
@@ -46,36 +47,38 @@ def effective_epochs(cfg) -> int:
 
 
 class DrlocHead(nn.Module):
-    """The pairwise MLP. Parameter names follow the reference (`layers`, `unshared`) for checkpoint parity."""
+    """The pairwise MLP of C's DenseRelativeLoc, with its parameter names, so C's state dict loads as is:
+    `layers` = Linear(2C,H) ReLU Linear(H,H) ReLU Linear(H, 2 for l1 | H for ce/cbr) (`layers.0/2/4`), and for
+    ce/cbr `unshared` = [Linear(H, n) rows, Linear(H, n) cols] on the output of `layers.4` (no ReLU there)."""
 
     def __init__(self, in_dim: int, grid: int, mode: str = "l1", use_abs: bool = True, hidden: int = 512):
         super().__init__()
         self.mode = mode
+        last = 2 if mode == "l1" else hidden
+        self.layers = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                    nn.Linear(hidden, last))
         if mode == "l1":
-            self.layers = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                                        nn.ReLU(), nn.Linear(hidden, 2))
             self.unshared = None
         else:
             n = grid if use_abs else 2 * grid - 1
-            self.layers = nn.Sequential(nn.Linear(2 * in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
             self.unshared = nn.ModuleList([nn.Linear(hidden, n) for _ in range(2)])
 
     def forward(self, pairs: torch.Tensor) -> list[torch.Tensor]:
         """pairs (B, m, 2C) -> [(B, m, 2)] for l1, [(B, m, n) rows, (B, m, n) cols] for ce/cbr."""
-        first, second = self.layers[0], self.layers[2]
+        first, second, last = self.layers[0], self.layers[2], self.layers[4]
         if self.unshared is None:
-            last = self.layers[4]
             return ref.pairwise_head(pairs, first.weight, first.bias, second.weight, second.bias,
-                                     [(last.weight, last.bias)], final_relu=True)
+                                     [(last.weight, last.bias)])
         return ref.pairwise_head(pairs, first.weight, first.bias, second.weight, second.bias,
-                                 [(lin.weight, lin.bias) for lin in self.unshared], final_relu=False)
+                                 [(lin.weight, lin.bias) for lin in self.unshared], shared=(last.weight, last.bias))
 
 
 class DrlocTask(AuxTask):
     name = "drloc"
 
     def __init__(self, cfg, embed_dim: int, grid: int, total_epochs: int, kernels: str = "auto"):
-        """kernels: engine.kernels — 'auto' (Triton on CUDA, PyTorch elsewhere), 'triton' or 'torch'."""
+        """kernels: engine.kernels — 'auto' (Triton on CUDA when triton is installed, PyTorch elsewhere), 'triton'
+        or 'torch'."""
         super().__init__()
         self.cfg = cfg
         self.kernels = kernels
