@@ -5,6 +5,7 @@ Tiny runs on the CPU: a 1-block ViT of width 16 on the 96-image `tiny_betons` se
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -13,6 +14,7 @@ import torch
 
 from engine.config import ConfigError, config_from_dict
 from engine.run_log import read_metrics
+from test_fake_cuda_engine import fake_cuda  # noqa: F401 - the fixture, for the default step's sync test
 
 
 def _cfg(betons, out, *extra):
@@ -320,3 +322,122 @@ def test_deepspeed_engine_makes_no_device_synchronize_in_the_default_step(monkey
     for s in range(3):
         step.step(batch, 1e-3, s, 1.0, s, report=pytest.fail)
     assert calls == [] and step.read().steps == 3
+
+
+class _StandInEngine:
+    """DeepSpeed's engine as the default step drives it with ZeRO 0 (forward, backward, step: clipping off in
+    DeepSpeed, the optimizer's step, gradients set to None), for fake CUDA tensors, which DeepSpeed itself cannot
+    be built on. What DeepSpeed's own engine adds was checked above (no accelerator synchronize in a step)."""
+
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        self.optimizer.step()
+        for p in self.module.parameters():
+            p.grad = None
+
+    def set_gradient_accumulation_boundary(self, is_boundary):
+        pass
+
+    def was_step_applied(self):
+        return True
+
+
+@pytest.mark.parametrize("accumulation,prec", [(1, "bf16"), (2, "fp32")])
+def test_default_step_makes_no_host_sync_between_log_points_on_fake_cuda(accumulation, prec, fake_cuda, monkeypatch):
+    """The default training step as train() builds it on CUDA (fused AdamW, engine.fail_on_nonfinite, ZeRO 0, clip
+    on, drloc and perceptibility on): after the first step (AdamW's state and the accumulators are allocated) a step
+    makes no host sync (the guard of tests/test_fake_cuda_engine.py), the skip flag reaches AdamW as found_inf on
+    the device, and read() then returns the window (the one sync, at a log point)."""
+    import test_fake_cuda_engine as fc
+
+    from engine.supervised_step import SupervisedStep
+    from engine.train import param_groups
+
+    module = fc.train_module("vit")
+    calls: list = []
+    with fake_cuda:
+        module = module.to("cuda")
+        optimizer = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-3, fused=True)
+        dtype = torch.bfloat16 if prec == "bf16" else torch.float32
+        step = SupervisedStep(_StandInEngine(module, optimizer), optimizer, fc.CUDA, dtype, fail_on_nonfinite=True,
+                              zero_stage=0, clip=1.0, accumulation_steps=accumulation)
+        assert step.device_skip
+        monkeypatch.setattr(torch.Tensor, "backward", fc.write_gradients(module))
+        contract = fc.fused_adamw_contract(calls)
+
+        def fused_adamw_(*args, lr, **kwargs):   # the CUDA op's float-lr overload: the LR is a kernel argument
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.full((), lr, dtype=torch.float32, device=fc.CUDA)
+            return contract(*args, lr=lr, **kwargs)
+        monkeypatch.setattr(torch, "_fused_adamw_", fused_adamw_)
+        for s in range(3):
+            batch = fc.make_batch(n=4)
+            with fc.linear_output_dtypes(module.model) as dtypes, fc.no_step_sync() if s else contextlib.nullcontext():
+                assert step.step(batch, 1e-3, 1000 + s, 5.0, s, report=pytest.fail)
+            assert set(dtypes) == {dtype}
+        assert {t.device for t in (step.sums, step.ok_steps, step.nonfinite, step.first_bad, step.halted)} == {fc.CUDA}
+        assert step.names[:2] == ["loss", "cls_loss"]
+        # the guard is not vacuous: the host check (engine.fail_on_nonfinite=false) reads each step's loss
+        checked = SupervisedStep(_StandInEngine(module, optimizer), optimizer, fc.CUDA, dtype,
+                                 fail_on_nonfinite=False, zero_stage=0, clip=1.0, accumulation_steps=accumulation)
+        with pytest.raises(fc.HostSyncError), fc.no_step_sync():
+            checked.step(fc.make_batch(n=4), 1e-3, 7, 5.0, 3, report=pytest.fail)
+    calls = calls[:3 * len(optimizer.param_groups)]
+    assert calls == [{"params": len(g["params"]), "found_inf": True} for _ in range(3) for g in optimizer.param_groups]
+
+
+def test_default_pretraining_step_makes_no_host_sync_between_log_points_on_fake_cuda(fake_cuda, monkeypatch):
+    """pretrain()'s step as built on CUDA (fused AdamW, engine.fail_on_nonfinite, bf16 autocast, DINO's
+    per-parameter clipping, the last layer frozen): teacher and student forward, loss, backward, clip, AdamW, EMA
+    and centre make no host sync after the first step; the flag reaches AdamW as found_inf; the read at a log point
+    returns no non-finite step. The host check (fail_on_nonfinite=false) does sync: the guard is not vacuous."""
+    import test_fake_cuda_engine as fc
+
+    from engine.ssl.loss import DINOLoss
+    from engine.ssl.step import DINOStep
+    from engine.train import param_groups
+
+    torch.manual_seed(0)
+    student, teacher = fc.dino_network("vit", 0.1), fc.dino_network("vit", 0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    loss_fn = DINOLoss(fc.OUT_DIM, 2, 0.1, 0.04, 0.07, 3, 0.9)
+    calls: list = []
+    with fake_cuda:
+        student, teacher, loss_fn = student.to("cuda"), teacher.to("cuda"), loss_fn.to("cuda")
+        optimizer = torch.optim.AdamW(param_groups(student, 0.04), lr=1e-3, fused=True)
+        contract = fc.fused_adamw_contract(calls)
+
+        def fused_adamw_(*args, lr, **kwargs):
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.full((), lr, dtype=torch.float32, device=fc.CUDA)
+            return contract(*args, lr=lr, **kwargs)
+        monkeypatch.setattr(torch, "_fused_adamw_", fused_adamw_)
+        monkeypatch.setattr(torch.Tensor, "backward", fc.write_gradients(student))
+        step = DINOStep(_StandInEngine(student, optimizer), optimizer, teacher, loss_fn,
+                        student.head.last_layer_parameters(), fc.CUDA, torch.bfloat16, fail_on_nonfinite=True,
+                        clip_per_param=3.0, grad_check=None)
+        assert step.device_skip
+
+        def crops():
+            return ([torch.randn(4, 3, 32, 32, device="cuda") for _ in range(2)]
+                    + [torch.randn(4, 3, 16, 16, device="cuda") for _ in range(2)])
+        for s in range(3):
+            c = crops()
+            with fc.no_step_sync() if s else contextlib.nullcontext():
+                assert step.step(c, 0, 0.996, s == 0, s, report=pytest.fail)
+        assert {t.device for t in (step.halted, step.nonfinite, loss_fn.center, *teacher.parameters())} == {fc.CUDA}
+        checked = DINOStep(_StandInEngine(student, optimizer), optimizer, teacher, loss_fn,
+                           student.head.last_layer_parameters(), fc.CUDA, torch.bfloat16, fail_on_nonfinite=False,
+                           clip_per_param=3.0, grad_check=None)
+        with pytest.raises(fc.HostSyncError), fc.no_step_sync():
+            checked.step(crops(), 0, 0.996, False, 3, report=pytest.fail)
+    assert len(calls) == 3 * len(optimizer.param_groups) and all(c["found_inf"] for c in calls)
