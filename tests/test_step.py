@@ -441,3 +441,44 @@ def test_default_pretraining_step_makes_no_host_sync_between_log_points_on_fake_
         with pytest.raises(fc.HostSyncError), fc.no_step_sync():
             checked.step(crops(), 0, 0.996, False, 3, report=pytest.fail)
     assert len(calls) == 3 * len(optimizer.param_groups) and all(c["found_inf"] for c in calls)
+
+
+def test_device_skip_leaves_parameters_and_state_as_before_the_bad_step_and_read_names_it():
+    """The device-skip path with a real DeepSpeed engine (a CPU fused AdamW stands in for CUDA's): a NaN loss at
+    0-based step 1 leaves the parameters and AdamW's state as after step 0 through steps 1-3 (every later step is
+    held too, under engine.fail_on_nonfinite), and read() reports the non-finite step 1, a loss."""
+    import deepspeed
+
+    from engine.models import create_model
+    from engine.runtime import deepspeed_config, init_runtime
+    from engine.supervised_step import SupervisedStep
+    from engine.train import TrainModule, param_groups
+    from loaders.batch import Batch
+
+    cfg = config_from_dict({}, ["data.batch_size=8", "engine.precision=fp32", "optim.clip_grad=1.0"])
+    rt = init_runtime("cpu")
+    torch.manual_seed(0)
+    model = create_model("vit_cifar", num_classes=4, drop_path=0.0, depth=1, embed_dim=16, num_heads=2)
+    module = TrainModule(model, torch.nn.ModuleList(), 0.1)
+    optimizer = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-3, fused=True)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=deepspeed_config(cfg, 1))
+    step = SupervisedStep(engine, optimizer, rt.device, torch.float32, fail_on_nonfinite=True, zero_stage=0,
+                          clip=1.0)
+    assert step.device_skip
+    g = torch.Generator().manual_seed(2)
+    snapshots = []
+    for s in range(4):
+        images = torch.randn(8, 3, 32, 32, generator=g)
+        if s == 1:
+            images[0, 0, 0, 0] = float("nan")
+        step.step(Batch(images=images, labels=torch.arange(8) % 4, index=torch.arange(8)), 1e-3, s, 1.0, s,
+                  report=pytest.fail)
+        snapshots.append(([p.detach().clone() for p in module.parameters()],
+                          [t.clone() for st in optimizer.state.values() for k, t in st.items() if k != "step"]))
+    for later in snapshots[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[0][0], later[0]))
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[0][1], later[1]))
+    report = step.read()
+    # one non-finite step, from step 1, a loss; the held steps after it had finite losses (the run stops at this read)
+    assert (report.nonfinite, report.first_step, report.first_what, report.steps) == (1, 1, "loss", 3)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
