@@ -192,11 +192,14 @@ def test_a_refused_json_stops_train_with_one_line_and_nothing_on_disk(tiny_beton
     assert not out.exists()
 
 
-def test_launcher_takes_deepspeeds_own_flags(tmp_path, capsys):
+def test_launcher_takes_deepspeeds_own_flags(tmp_path, capsys, monkeypatch):
     """`deepspeed engine/train.py --deepspeed --deepspeed_config ds.json ...` (deepspeed.add_config_arguments):
     the file becomes engine.deepspeed_config; another file named by the config as well is refused naming both."""
+    import engine.loop
     from engine.loop import launcher_main
 
+    # the process group of this test process stays (DeepSpeed caches its groups for the later tests)
+    monkeypatch.setattr(engine.loop, "close_process_group", lambda: None)
     ds = _ds_json(tmp_path, gradient_accumulation_steps=2)
     seen = []
     assert launcher_main(["--deepspeed", "--deepspeed_config", ds, "optim.lr=5e-4"], "t",
