@@ -5,7 +5,9 @@
                recipe, fused capturable AdamW): the graphed ceiling.
 - ours:        resident loader with the recipe's augmentation (crop, flip, AutoAugment, mixup/cutmix, erasing,
                translation transform) + model + drloc + translation perceptibility + AdamW (plain PyTorch step).
-- ours_deepspeed: the same step through DeepSpeed's engine (what `smallvit train` runs).
+- ours_deepspeed: the same step through DeepSpeed's engine, run by the loop's own step code
+               (engine/supervised_step.py: what `smallvit train` runs per step). "ours" is the plain-PyTorch
+               step beside it, without DeepSpeed.
 - ours_graphed (graphed|emulated): the same step on static buffers (engine/graphed_step.py) with a plain torch
                AdamW: captured and replayed on CUDA; on the CPU it runs eagerly ("emulated", no capture).
 - ours_deepspeed_graphed (graphed|emulated): the static step inside DeepSpeed (ZeRO 0, DeepSpeed's engine holding
@@ -129,17 +131,29 @@ def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch
 
     from engine.runtime import deepspeed_config, init_runtime
 
+    from engine.precision import compute_dtype
+    from engine.supervised_step import SupervisedStep
+
     rt = init_runtime(device.type)
-    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt,
-                                           config=deepspeed_config(cfg, rt.world_size, device.type == "cuda"))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, config=deepspeed_config(cfg, rt.world_size))
+    # the loop's own default step (engine/supervised_step.py), as train() builds it: bf16 autocast on CUDA,
+    # device accumulators read once after the timing, the finite flag skipping on the device with fused AdamW
+    ds_step = SupervisedStep(engine, opt, device, compute_dtype(cfg.engine.precision, device),
+                             fail_on_nonfinite=cfg.engine.fail_on_nonfinite, zero_stage=cfg.engine.zero_stage,
+                             clip=cfg.optim.clip_grad, accumulation_steps=cfg.optim.accumulation_steps,
+                             world_size=rt.world_size)
+    ds_numbers = iter(range(10**9))
+
+    def refuse_nonfinite(what, value):
+        raise RuntimeError(f"ours_deepspeed b{batch}: non-finite {what} {value}")
 
     def ours_ds():
-        b = next(stream)
-        with autocast():
-            loss, _ = engine(b, 30.0, next(counter))
-        engine.backward(loss)
-        engine.step()
+        ds_step.step(next(stream), 1e-4, next(counter), 30.0, next(ds_numbers), refuse_nonfinite)
     rows.append({"variant": f"ours_deepspeed b{batch}", **_rate(ours_ds, batch, steps, repeats, device)})
+    report = ds_step.read()
+    ds_step.remove()
+    if report.nonfinite or report.steps == 0:
+        raise RuntimeError(f"ours_deepspeed b{batch}: {report.nonfinite} non-finite of {report.steps} steps")
 
     # the static-buffer step (engine/graphed_step.py), plain and inside DeepSpeed, each on a fresh model: DeepSpeed's
     # bf16 path above re-homes the optimizer's parameters, and the static step keeps fp32 weights under autocast
@@ -198,7 +212,7 @@ def static_step_rows(cfg, stream, counter, batch: int, steps: int, repeats: int,
             if reason:
                 print(f"{name} b{batch}: graphed step off: {reason}")
                 continue
-            clip = engine.gradient_clipping()
+            clip = cfg.optim.clip_grad   # as train() gives the runner (DeepSpeed's own clipping is off at ZeRO 0)
         runner = StaticStepRunner(module, opt, plan.mode, device, autocast, False, clip=clip, engine=engine)
         numbers = iter(range(10**9))
 

@@ -149,6 +149,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0        # linear warm-up, per iteration
     betas: tuple = (0.9, 0.999)
     clip_grad: float = 0.0             # max global grad norm; 0 disables
+    accumulation_steps: int = 1        # micro-batches per optimizer step: data.batch_size is split into this many
+                                       # chunks, each run forward+backward, one optimizer step (engine/supervised_step.py)
     label_smoothing: float = 0.1
 
 
@@ -158,7 +160,8 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "bf16"   # bf16 needs a device that supports it; the CPU path uses fp32
     zero_stage: Literal[0, 1, 2] = 0
-    deepspeed_config: str = ""         # a user's own DeepSpeed JSON, passed through (our generated one otherwise)
+    deepspeed_config: str = ""         # a user's own DeepSpeed JSON, merged over the generated one (rules in
+                                       # engine/deepspeed_json.py and the README); also `--deepspeed_config FILE`
     compile: bool = False              # torch.compile the model
     channels_last: bool = True
     kernels: Literal["auto", "triton", "torch"] = "auto"
@@ -394,6 +397,7 @@ def validate(cfg: Config) -> None:
         ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
         ("optim.warmup_epochs", 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs, "must be in [0, optim.epochs]"),
         ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0"),
+        ("optim.accumulation_steps", cfg.optim.accumulation_steps >= 1, "must be >= 1"),
         ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
         ("run.eval_every", cfg.run.eval_every >= 1, "must be >= 1"),
         ("run.checkpoint_every", cfg.run.checkpoint_every >= 1, "must be >= 1"),

@@ -61,6 +61,9 @@ def config_fallback_reason(cfg, world_size: int, device: torch.device, num_train
     if e.zero_stage >= 1:
         return (f"engine.zero_stage={e.zero_stage}: ZeRO partitions the optimizer state and reduces gradients in "
                 f"DeepSpeed's backward hooks with host-side bucket bookkeeping; the static step needs stage 0")
+    if cfg.optim.accumulation_steps > 1:
+        return (f"optim.accumulation_steps={cfg.optim.accumulation_steps}: the static step is one micro-batch per "
+                f"optimizer step (the default step accumulates)")
     per_epoch = num_train_images * cfg.data.repeats
     if not cfg.data.drop_last and per_epoch % cfg.data.batch_size:
         return (f"data.drop_last=false: the last batch of each epoch has {per_epoch % cfg.data.batch_size} "

@@ -3,6 +3,7 @@ steps: the run folder, the non-finite report, the progress bar, the closing summ
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -99,15 +100,21 @@ def close_run(rt: Runtime, out_dir: Path, run_log: Optional[RunLog], summary: di
 
 
 def launcher_main(argv: Optional[list[str]], description: str, run: Callable[[Config], int]) -> int:
-    """The `deepspeed engine/<loop>.py --config FILE [key=value ...]` entry (DeepSpeed adds --local_rank)."""
+    """The `deepspeed engine/<loop>.py --config FILE [key=value ...]` entry (DeepSpeed adds --local_rank). DeepSpeed's
+    own flags (deepspeed.add_config_arguments: --deepspeed, --deepspeed_config FILE) are accepted: the file is
+    engine.deepspeed_config, merged over the generated config (engine/deepspeed_json.py)."""
+    import deepspeed
+
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="", help="YAML recipe (default: built-in defaults)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=5e-4")
+    deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = load_config(args.config or None, args.overrides)
+        cfg = with_deepspeed_flag(cfg, args.deepspeed_config)
     except ConfigError as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +122,17 @@ def launcher_main(argv: Optional[list[str]], description: str, run: Callable[[Co
         return run(cfg)
     finally:
         close_process_group()
+
+
+def with_deepspeed_flag(cfg: Config, path: Optional[str]) -> Config:
+    """cfg with `--deepspeed_config PATH` as engine.deepspeed_config; a different file set in the config too is
+    refused naming both."""
+    if not path:
+        return cfg
+    if cfg.engine.deepspeed_config and cfg.engine.deepspeed_config != path:
+        raise ConfigError(f"--deepspeed_config {path} and engine.deepspeed_config {cfg.engine.deepspeed_config} "
+                          f"name two files; give one")
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, deepspeed_config=path))
 
 
 def close_process_group() -> None:

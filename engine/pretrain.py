@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 from dataclasses import replace
@@ -34,18 +33,20 @@ from torch import nn
 
 from engine import checkpoint
 from engine.config import Config, ConfigError
-from engine.grad_check import GradientCheck, discard_gradients
+from engine.grad_check import GradientCheck
 from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
                          report_nonfinite, restore_checkpoint, run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
+from engine.precision import compute_dtype as precision_dtype
 from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.ssl.backbone import MultiCropBackbone, pooled_features
 from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
+from engine.ssl.step import DINOStep
 from engine.train import StopFlag, mean_over_ranks, param_groups
 from loaders.factory import build_loader, preflight
 
@@ -100,20 +101,34 @@ def check_config(cfg: Config, world_size: int) -> None:
 def clip_per_parameter(parameters, max_norm: float) -> None:
     """DINO's utils.clip_gradients: scale each parameter's gradient to norm <= max_norm (1e-6 in the divisor).
     The scale is chosen on the device: DINO's `if coef < 1` reads every norm on the host, a sync per parameter per
-    step on CUDA. Where coef >= 1 (or NaN) the gradient is multiplied by exactly 1, which leaves its bits as they are."""
-    for p in parameters:
-        if p.grad is not None:
-            norm = p.grad.norm(2)
-            coef = max_norm / (norm + 1e-6)
-            p.grad.mul_(torch.where(coef < 1, coef, 1.0))
+    step on CUDA. Where coef >= 1 the gradient is multiplied by exactly 1, which leaves its bits as they are.
+    Foreach kernels: a handful of launches for all the tensors instead of four per tensor; `max_norm / x` on a
+    tensor is torch's reciprocal(x) * max_norm, which the foreach ops repeat, so the result is DINO's bit for bit."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm(grads, 2.0)
+    torch._foreach_add_(norms, 1e-6)
+    coefs = torch._foreach_reciprocal(norms)
+    torch._foreach_mul_(coefs, max_norm)   # max_norm / (norm + 1e-6), rounded as DINO's division is
+    torch._foreach_clamp_max_(coefs, 1.0)
+    torch._foreach_mul_(grads, coefs)
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (same names)."""
+def ema_update(teacher: nn.Module, student: nn.Module, momentum) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, matched by name, in foreach kernels. momentum: a
+    float, or a 0-dim device tensor (the device-skip step sets it to 1 for a skipped step: teacher unchanged)."""
     student_params = dict(student.named_parameters())
+    teacher_params, sources = [], []
     for name, t in teacher.named_parameters():
-        t.mul_(momentum).add_(student_params[name].detach().to(t.dtype), alpha=1.0 - momentum)
+        teacher_params.append(t)
+        sources.append(student_params[name].detach().to(t.dtype))
+    torch._foreach_mul_(teacher_params, momentum)
+    if isinstance(momentum, torch.Tensor):
+        torch._foreach_add_(teacher_params, torch._foreach_mul(sources, 1.0 - momentum))
+    else:
+        torch._foreach_add_(teacher_params, sources, alpha=1.0 - momentum)
 
 
 @torch.no_grad()
@@ -148,8 +163,7 @@ def _pretrain(cfg: Config) -> dict:
     rt = init_runtime(cfg.engine.device)
     check_config(cfg, rt.world_size)
     out_dir = Path(cfg.run.out_dir)
-    bf16 = cfg.engine.precision == "bf16" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    compute_dtype = torch.bfloat16 if bf16 else torch.float32
+    compute_dtype = precision_dtype(cfg.engine.precision, rt.device)
     channels_last = cfg.engine.channels_last and rt.device.type == "cuda"
 
     train_loader, meta = build_loader(cfg.data, True, cfg.run.seed, rt.device, rt.rank, rt.world_size,
@@ -181,6 +195,11 @@ def _pretrain(cfg: Config) -> dict:
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     last_layer = student.head.last_layer_parameters()
     grad_check = GradientCheck(student)
+    clip = cfg.optim.clip_grad if cfg.ssl.clip_mode == "per_param" else 0.0
+    dino_step = DINOStep(engine, optimizer, teacher, dino_loss, last_layer, rt.device, compute_dtype,
+                         fail_on_nonfinite=cfg.engine.fail_on_nonfinite, clip_per_param=clip, grad_check=grad_check)
+    if dino_step.device_skip:
+        grad_check.remove()   # the flag is decided on the device
 
     total_steps = cfg.optim.epochs * steps_per_epoch
     warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
@@ -204,7 +223,16 @@ def _pretrain(cfg: Config) -> dict:
 
     run_log = open_run_folder(cfg, rt, out_dir)
 
+    def read_nonfinite() -> None:
+        """Device skip: report the first non-finite step since the last read (which stops the run)."""
+        if dino_step.device_skip:
+            bad, first, what = dino_step.read_nonfinite()
+            if bad:
+                report_nonfinite(cfg, rt, run_log, what, "nan/inf", first, epoch,
+                                 step_in_epoch - (global_step - first))
+
     def save_state() -> Path:
+        read_nonfinite()   # nothing non-finite is ever saved
         return checkpoint.save(engine, out_dir, global_step, {
             "stage": STAGE, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
             "best_knn": best_knn, "model": cfg.model.name, "world_size": rt.world_size,
@@ -217,11 +245,11 @@ def _pretrain(cfg: Config) -> dict:
         report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
 
     stop = StopFlag()
-    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     max_steps = cfg.run.max_steps or cfg.optim.epochs * steps_per_epoch
     progress = progress_bar(cfg, rt, max_steps, global_step)
     warned_epoch = -1
     last_knn = None
+    loss_value = float("nan")   # the progress bar's: the last log point's
     stop.install()
     try:
         t_start, seen, exit_code = time.perf_counter(), 0, 0
@@ -236,36 +264,15 @@ def _pretrain(cfg: Config) -> dict:
                     if i == 0:
                         group["weight_decay"] = wd
                 torch.manual_seed(step_seed(cfg.run.seed, global_step, rt.rank))
-                crops = batch.crops
-                with autocast:
-                    with torch.no_grad():
-                        teacher_out = teacher(crops[:2])
-                    student_out = engine(crops)
-                    loss = dino_loss(student_out, teacher_out, epoch)
-                loss_value = loss.item()
-                applied = False   # a skipped step updates nothing: student, optimizer state, teacher, centre
-                if not math.isfinite(loss_value):
-                    nonfinite("loss", loss_value)
-                else:
-                    engine.backward(loss)
-                    if not grad_check.finite():
-                        nonfinite("gradient", "nan/inf")
-                        discard_gradients(engine)
-                    else:
-                        if cfg.optim.clip_grad > 0 and cfg.ssl.clip_mode == "per_param":
-                            clip_per_parameter(student.parameters(), cfg.optim.clip_grad)
-                        if epoch < cfg.ssl.freeze_last_layer:
-                            for p in last_layer:   # DINO's cancel_gradients_last_layer: no grad, AdamW skips them
-                                p.grad = None
-                        engine.step()
-                        ema_update(teacher, student, momentum)
-                        dino_loss.update_center(teacher_out)
-                        applied = True
+                applied = dino_step.step(batch.crops, epoch, momentum, epoch < cfg.ssl.freeze_last_layer,
+                                         global_step, nonfinite)
                 nonfinite_skipped += 0 if applied else 1
                 global_step += 1
                 step_in_epoch += 1
                 seen += len(batch) * rt.world_size
                 if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
+                    read_nonfinite()
+                    teacher_out, loss = dino_step.teacher_out, dino_step.loss
                     probs = dino_loss.teacher_probs(teacher_out, epoch)
                     logged = mean_over_ranks({"loss": loss.detach(), **collapse_stats(probs, dino_loss.center)})
                     logged.update(lr=lr, weight_decay=wd, momentum=momentum,
@@ -274,6 +281,7 @@ def _pretrain(cfg: Config) -> dict:
                     if warning and warned_epoch != epoch and rt.is_main:
                         log.warning("epoch %d step %d: %s", epoch, global_step, warning)
                         warned_epoch = epoch
+                    loss_value = logged["loss"]
                     if run_log:
                         run_log.write({"kind": "train", "step": global_step, "epoch": epoch, **logged,
                                        "collapse": bool(warning), "nonfinite_skipped": nonfinite_skipped})

@@ -75,31 +75,35 @@ def init_runtime(device_choice: str = "auto") -> Runtime:
                    local_rank=local_rank, device=device)
 
 
-def deepspeed_config(cfg, world_size: int, bf16: bool) -> dict:
-    """Our DeepSpeed config from the run config (a user's JSON in engine.deepspeed_config replaces it)."""
-    if cfg.engine.deepspeed_config:
-        import json
+def deepspeed_config(cfg, world_size: int, bf16: bool = False) -> dict:
+    """The DeepSpeed config of a run: ours from the run config, with a user's JSON (engine.deepspeed_config)
+    merged over it (engine/deepspeed_json.py; cfg must have been resolved against it by resolve_into_config).
 
-        path = cfg.engine.deepspeed_config
-        try:
-            with open(path) as fh:
-                user = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"engine.deepspeed_config: cannot read {path} ({exc})") from None
-        user.setdefault("train_batch_size", cfg.data.batch_size)
-        return user
-    if cfg.data.batch_size % world_size:
-        raise ValueError(f"data.batch_size: {cfg.data.batch_size} does not split over {world_size} ranks")
-    return {
+    bf16: DeepSpeed's own bf16 mode (the module held in bf16, bf16 gradient reduction). The loops pass False:
+    their bf16 is torch.autocast over fp32 master weights (engine/precision.py). Gradient clipping: with ZeRO 0
+    the loop clips itself (engine/supervised_step.py: one foreach norm, no host sync), so DeepSpeed's is off;
+    ZeRO 1/2 clip inside DeepSpeed's optimizer."""
+    k = cfg.optim.accumulation_steps
+    if cfg.data.batch_size % (world_size * k):
+        raise ValueError(f"data.batch_size: {cfg.data.batch_size} does not split over {world_size} ranks x "
+                         f"optim.accumulation_steps {k}")
+    ours = {
         "train_batch_size": cfg.data.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size // world_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": cfg.optim.clip_grad,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size // (world_size * k),
+        "gradient_accumulation_steps": k,
+        "gradient_clipping": cfg.optim.clip_grad if cfg.engine.zero_stage else 0.0,
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": cfg.engine.zero_stage},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step; the loop times itself
+        "timers": {"throughput": {"enabled": False}},
     }
+    if not cfg.engine.deepspeed_config:
+        return ours
+    from engine.deepspeed_json import merged_config
+
+    return merged_config(cfg, ours, world_size)
 
 
 def step_seed(seed: int, global_step: int, rank: int) -> int:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import sys
 import time
@@ -29,7 +28,7 @@ from torch import nn
 
 from engine import checkpoint
 from engine.config import Config, ConfigError
-from engine.grad_check import GradientCheck, discard_gradients
+from engine.deepspeed_json import resolve_into_config
 from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
 from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_run, launcher_main,  # noqa: F401
                          open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
@@ -38,9 +37,12 @@ from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
+from engine.precision import compute_dtype
 from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.schedule import lr_at
+from engine.supervised_step import SupervisedStep
 from engine.tasks import build_tasks, class_ce, effective_epochs
+from engine.tasks.ramps import current_weights, ramp_warnings
 from loaders.batch import Batch
 from loaders.factory import build_loader, preflight
 
@@ -149,10 +151,12 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config) -> dict:
+    cfg = resolve_into_config(cfg)   # a user's DeepSpeed JSON: its batch, accumulation, clip, stage, bf16 into cfg
     preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
     rt = init_runtime(cfg.engine.device)
     out_dir = Path(cfg.run.out_dir)
-    bf16 = cfg.engine.precision == "bf16" and rt.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = compute_dtype(cfg.engine.precision, rt.device)   # one scheme on both step paths: engine/precision.py
+    bf16 = dtype == torch.bfloat16
     if cfg.engine.precision == "bf16" and not bf16 and rt.is_main:
         log.info("engine.precision=bf16 needs a CUDA device with bf16; running fp32 on %s", rt.device)
     channels_last = cfg.engine.channels_last and rt.device.type == "cuda"
@@ -191,13 +195,15 @@ def _train(cfg: Config) -> dict:
     graph_plan = plan_graph_step(cfg, rt.world_size, rt.device, meta["num_images"])
     if graph_plan.reason:
         log_fallback(graph_plan.reason, rt.is_main)
-    # the static step keeps fp32 weights in the torch AdamW and computes in bf16 under torch.autocast (which the
-    # loop applies on both paths); DeepSpeed's bf16 path would wrap the optimizer in its own, host-synced step
+    # both step paths keep fp32 weights in the torch AdamW and compute in bf16 under torch.autocast; DeepSpeed's
+    # bf16 mode (module in bf16, bf16 gradient reduction, its own optimizer wrapper) is never used
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, rt.world_size, bf16 and not graph_plan.active))
+                                           config=deepspeed_config(cfg, rt.world_size))
     if hasattr(engine.optimizer, "averaged_gradients"):   # ZeRO 1/2: never let DeepSpeed apply a non-finite step
         engine.optimizer.check_grad_overflow = True
-    grad_check = GradientCheck(engine.module)
+    stepper = SupervisedStep(engine, optimizer, rt.device, dtype, fail_on_nonfinite=cfg.engine.fail_on_nonfinite,
+                             zero_stage=cfg.engine.zero_stage, clip=cfg.optim.clip_grad,
+                             accumulation_steps=cfg.optim.accumulation_steps, world_size=rt.world_size)
     forward_model = module.model
     if cfg.engine.compile:   # the training forward (tokens for the tasks) and the eval forward, sharing weights
         model.forward_with_tokens = torch.compile(model.forward_with_tokens)
@@ -233,19 +239,20 @@ def _train(cfg: Config) -> dict:
         else:   # after the resume: the runner installs its device LR in the optimizer that load_checkpoint filled
             runner = StaticStepRunner(engine.module, optimizer, graph_plan.mode, rt.device,
                                       torch.bfloat16 if bf16 else None, cfg.engine.fail_on_nonfinite,
-                                      clip=engine.gradient_clipping(), engine=engine)
-            grad_check.remove()   # the runner checks the gradients on the device itself
+                                      clip=cfg.optim.clip_grad, engine=engine)
+            stepper.remove()   # the runner checks the gradients on the device itself
             if rt.is_main:
                 log.info("graphed step: %s (engine.graph_step=%s)", graph_plan.mode, cfg.engine.graph_step)
 
     run_log = open_run_folder(cfg, rt, out_dir)
     shown_loss = float("nan")   # the progress bar's loss: the last step's, or the last read window's mean
 
-    def read_runner(lr: float) -> None:
-        """The static step's device buffers -> a train record of the window's mean loss and parts, and the
-        non-finite report of its skipped steps (which stops the run under engine.fail_on_nonfinite)."""
+    def read_window(lr: float) -> None:
+        """The step's device accumulators (the static runner's or the default step's) -> a train record of the
+        window's mean loss and parts, and the non-finite report of its device-skipped steps (which stops the run
+        under engine.fail_on_nonfinite)."""
         nonlocal nonfinite_skipped, shown_loss
-        report = runner.read()
+        report = (runner or stepper).read()
         if report.nonfinite:
             behind = global_step - report.first_step   # steps since the first non-finite one, this one included
             value = "nan/inf" if report.nonfinite == 1 else f"nan/inf ({report.nonfinite} steps from here)"
@@ -256,11 +263,12 @@ def _train(cfg: Config) -> dict:
             shown_loss = report.means["loss"]
             if run_log:
                 run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **report.means,
-                               "nonfinite_skipped": nonfinite_skipped, "steps_averaged": report.steps})
+                               **current_weights(module.tasks, epoch + max(step_in_epoch - 1, 0) / steps_per_epoch),
+                               "nonfinite_skipped": nonfinite_skipped,
+                               **({"steps_averaged": report.steps} if runner is not None else {})})
 
     def save_state() -> Path:
-        if runner is not None:
-            read_runner(lr)   # a non-finite step not yet reported stops the run before anything is saved
+        read_window(lr)   # a non-finite step not yet reported stops the run before anything is saved
         return checkpoint.save(engine, out_dir, global_step, {
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best_top1": best_top1,
             "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size,
@@ -271,8 +279,10 @@ def _train(cfg: Config) -> dict:
         report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
 
     stop = StopFlag()
-    autocast = torch.autocast(rt.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     max_steps = cfg.run.max_steps or run_epochs * steps_per_epoch
+    if rt.is_main:
+        for line in ramp_warnings(module.tasks, steps_per_epoch, min(max_steps, run_epochs * steps_per_epoch)):
+            log.warning(line)
     last_eval: dict = {}
     progress = progress_bar(cfg, rt, max_steps, global_step)
     stop.install()
@@ -287,38 +297,16 @@ def _train(cfg: Config) -> dict:
                 seed = step_seed(cfg.run.seed, global_step, rt.rank)
                 if runner is not None:   # static buffers, LR and non-finite check on the device: no host sync
                     runner.step(batch, lr, seed, epoch + step_in_epoch / steps_per_epoch, global_step)
-                else:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
+                else:   # losses and the finite flag into device accumulators (engine/supervised_step.py)
                     torch.manual_seed(seed)
-                    with autocast:
-                        loss, parts = engine(batch, epoch + step_in_epoch / steps_per_epoch, seed)
-                    shown_loss = loss.item()
-                    if not math.isfinite(shown_loss):
-                        nonfinite("loss", shown_loss)
-                        nonfinite_skipped += 1   # no backward, no optimizer step: parameters and state unchanged
-                    else:
-                        engine.backward(loss)
-                        if not grad_check.finite():
-                            nonfinite("gradient", "nan/inf")
-                            discard_gradients(engine)   # parameters and optimizer state unchanged
-                            nonfinite_skipped += 1
-                        else:
-                            engine.step()
-                            if not engine.was_step_applied():   # DeepSpeed's own overflow check skipped it
-                                nonfinite("gradient (found by DeepSpeed)", "overflow")
-                                nonfinite_skipped += 1
+                    if not stepper.step(batch, lr, seed, epoch + step_in_epoch / steps_per_epoch, global_step,
+                                        nonfinite):
+                        nonfinite_skipped += 1   # skipped: parameters and optimizer state unchanged
                 global_step += 1
                 step_in_epoch += 1
                 seen += len(batch) * rt.world_size
                 if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    if runner is not None:
-                        read_runner(lr)   # the window's mean loss: one host sync per run.log_every steps
-                    else:
-                        logged = mean_over_ranks({"loss": loss.detach(), **parts})
-                        if run_log:
-                            run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **logged,
-                                           "nonfinite_skipped": nonfinite_skipped})
+                    read_window(lr)   # the window's mean loss: one host sync per run.log_every steps
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(epoch=epoch, loss=f"{shown_loss:.3f}", lr=f"{lr:.2e}",
@@ -331,7 +319,7 @@ def _train(cfg: Config) -> dict:
             else:
                 # the epoch ran to its end
                 if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == run_epochs:
-                    last_eval = evaluate(forward_model, test_loader, rt, torch.bfloat16 if bf16 else torch.float32)
+                    last_eval = evaluate(forward_model, test_loader, rt, dtype)
                     best_top1 = max(best_top1, last_eval["top1"])
                     if run_log:
                         run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
@@ -353,7 +341,7 @@ def _train(cfg: Config) -> dict:
             break
     finally:
         stop.restore()
-        grad_check.remove()
+        stepper.remove()
     if progress is not None:
         progress.close()
     elapsed = time.perf_counter() - t_start

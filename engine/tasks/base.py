@@ -36,6 +36,10 @@ class AuxTask(nn.Module):
     def weight(self, epoch: float) -> float:
         raise NotImplementedError
 
+    def peak_weight(self) -> float:
+        """The weight the schedule ramps to (what a run that lasts long enough reaches)."""
+        raise NotImplementedError
+
     def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
         """outputs[0] is the pass on batch.images, outputs[1:] the passes on extra_views in order.
 

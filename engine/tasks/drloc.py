@@ -89,6 +89,9 @@ class DrlocTask(AuxTask):
     def weight(self, epoch: float) -> float:
         return drloc_weight(schedule_epoch(epoch, self.cfg.weight_per_step), self.cfg.lambda0, self.total_epochs)
 
+    def peak_weight(self) -> float:
+        return self.cfg.lambda0
+
     def targets(self, out: ModelOutput, seed: int = 0):
         """-> p_i, p_j (B, m) flat positions and their offsets (B, m, 2) (float for l1, class indices otherwise),
         drawn as a pure function of (seed, image, pair) by the kernels dispatcher (same values on every backend)."""

@@ -86,6 +86,9 @@ class PerceptibilityTask(AuxTask):
         e = schedule_epoch(epoch, self.cfg.weight_per_step)
         return perceptibility_weight(e, self.cfg.init_weight, self.total_epochs, self.cfg.warmup_fraction)
 
+    def peak_weight(self) -> float:
+        return self.cfg.init_weight
+
     def targets(self, batch: Batch) -> dict[str, torch.Tensor]:
         """{'translate': (B, 2), 'scale': (B, 1)} float32 in [0, 1], the keys this kind needs."""
         out = {}
