@@ -122,8 +122,9 @@ def config_digest(resolved: Config) -> str:
 
 
 def state_entries(resolved: Config) -> dict[str, Any]:
-    """What a trainer state stores about its config (plain data: weights_only-safe)."""
-    return {"config": flat(to_dict(resolved)), "config_digest": config_digest(resolved)}
+    """What a trainer state stores about its config: the compared keys (flat plain data, weights_only-safe) and
+    their digest. The keys a resume may change stay out, so a run and its resume write equal trainer states."""
+    return {"config": compared(resolved), "config_digest": config_digest(resolved)}
 
 
 def check_resume(saved: dict, resolved: Config, folder: Path) -> None:

@@ -247,3 +247,30 @@ def test_item06_resume_auto_falls_back_to_the_newest_readable_checkpoint(run, ti
     assert "mp_rank_00_model_states.pt" in text and f"resuming from {older}" in text
     assert f"resumed from {older}" in text
     assert summary["exit_code"] == 0 and summary["global_step"] == EPOCHS * STEPS_PER_EPOCH
+
+
+# ------------------------------------------------------------------------------- the same rules for pretraining
+def test_pretraining_follows_the_run_folder_rules(tiny_betons, tmp_path, capsys):
+    import json
+
+    from engine.pretrain import pretrain, run_pretraining
+
+    out = tmp_path / "ssl"
+    overrides = [f"data.train={tiny_betons['train']}", f"data.test={tiny_betons['test']}", "data.loader=resident",
+                 "data.batch_size=32", "data.eval_batch_size=48", "data.multicrop=true", "data.local_crops=2",
+                 "data.crop_padding=0", "data.flip=false", "model.depth=1", "model.embed_dim=32", "model.num_heads=2",
+                 "ssl.out_dim=64", "ssl.hidden_dim=32", "ssl.bottleneck_dim=16", "ssl.warmup_teacher_temp_epochs=1",
+                 "optim.epochs=3", "optim.warmup_epochs=1", "engine.device=cpu", f"run.out_dir={out}",
+                 "run.progress=false", "run.keep_last=1"]
+    summary = pretrain(config_from_dict({}, overrides))
+    assert summary["exit_code"] == 0
+    root = out / "checkpoints"
+    assert [p.name for p in root.glob("step_*")] == [(root / "latest").read_text().strip()]
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.model.depth, cfg.model.embed_dim, cfg.engine.precision, cfg.data.dataset) == (1, 32, "fp32", "tiny")
+    hub = json.loads((root / (root / "latest").read_text().strip() / "config.json").read_text())
+    assert hub["architecture"] == "vit_cifar" and hub["model_args"]["num_classes"] == 0
+    before = _listing(out)
+    code = run_pretraining(config_from_dict({}, overrides))
+    _refused(capsys, code, "run.out_dir", "already holds a run")
+    assert _listing(out) == before
