@@ -42,6 +42,8 @@ class DataConfig:
     resident_max_fraction: float = 0.5  # resident: use it when the set fits in this fraction of device memory
     drop_last: bool = True             # training: drop the last incomplete batch (each sample still seen <= once)
     repeats: int = 1                   # "repeated augmentation": one epoch = this many fresh permutations
+    val_fraction: float = 0.0          # held out of the training split (seeded by run.seed, stratified by class)
+                                       # as a validation set that picks best/; 0 = off, best/ by test top-1
     # augmentation (all batched, on the training device)
     crop_padding: int = 4              # pad-and-random-crop padding in pixels; 0 disables
     flip: bool = True
@@ -185,6 +187,7 @@ class RunConfig:
     progress: bool = True              # progress bars
     max_steps: int = 0                 # stop after this many optimizer steps (0 = run all epochs); for tests/bench
     checkpoint_every_steps: int = 0    # also checkpoint every this many optimizer steps, mid-epoch too (0 = off)
+    keep_last: int = 2                 # step checkpoints kept, newest first (0 = all); checkpoints/best/ is extra
 
 
 @dataclass
@@ -404,6 +407,8 @@ def validate(cfg: Config) -> None:
         ("run.log_every", cfg.run.log_every >= 1, "must be >= 1"),
         ("run.max_steps", cfg.run.max_steps >= 0, "must be >= 0"),
         ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0, "must be >= 0"),
+        ("run.keep_last", cfg.run.keep_last >= 0, "must be >= 0 (0 = keep every checkpoint)"),
+        ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1) (0 = no validation split)"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -24,9 +24,7 @@ def find_run_config(folder: Path) -> Path | None:
 
 def load_exported(model: torch.nn.Module, path: Path) -> None:
     """Load model.safetensors strictly; raise ValueError naming the file and the mismatched keys."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state = checkpoint.read_export(path)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -8,15 +8,12 @@ from engine import checkpoint
 
 
 def describe_checkpoint(folder: Path) -> list[str]:
-    from safetensors import safe_open
-
     state = checkpoint.read_state(folder)
     lines = [f"checkpoint {folder}"]
-    lines += [f"  {k}: {v}" for k, v in state.items()]
-    with safe_open(str(folder / checkpoint.EXPORT_FILE), "pt") as fh:
-        keys = list(fh.keys())
-        numel = sum(_prod(fh.get_slice(k).get_shape()) for k in keys)
-    lines.append(f"  weights: {len(keys)} tensors, {numel:,} parameters ({checkpoint.EXPORT_FILE})")
+    lines += [f"  {k}: {v}" for k, v in state.items() if k not in ("config", "teacher")]
+    shapes = checkpoint.export_shapes(folder / checkpoint.EXPORT_FILE)
+    numel = sum(_prod(shape) for shape in shapes.values())
+    lines.append(f"  weights: {len(shapes)} tensors, {numel:,} parameters ({checkpoint.EXPORT_FILE})")
     ds_files = sorted(p.name for p in (folder / "ds").iterdir())
     lines.append(f"  deepspeed files: {', '.join(ds_files)}")
     return lines
@@ -37,6 +34,7 @@ def inspect_path(args) -> int:
         return run_inspect(args)
     try:
         folder = checkpoint.find(path)
+        checkpoint.verify(folder)   # every file, DeepSpeed's too: a damaged one is named here, not at a resume
         print("\n".join(describe_checkpoint(folder)))
     except (FileNotFoundError, OSError, ValueError) as exc:
         print(f"smallvit: error: {exc}", file=sys.stderr)

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine import checkpoint
+from engine import checkpoint, run_folder
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck
 from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
@@ -159,6 +159,8 @@ def pretrain(cfg: Config) -> dict:
 
 
 def _pretrain(cfg: Config) -> dict:
+    run_folder.check_out_dir(cfg)
+    run_folder.check_fresh(cfg)
     preflight(cfg.data)
     rt = init_runtime(cfg.engine.device)
     check_config(cfg, rt.world_size)
@@ -178,6 +180,8 @@ def _pretrain(cfg: Config) -> dict:
     student = build_network(cfg, cfg.model.drop_path)
     teacher = build_network(cfg, 0.0)
     teacher.load_state_dict(student.state_dict())
+    resolved = run_folder.resolved_config(cfg, meta, 0, student.model, "bf16" if bf16 else "fp32")
+    hub_config = run_folder.hub_config(resolved, meta, model_kwargs(resolved.model, drop_path=0.0))
     teacher.requires_grad_(False)
     teacher.to(rt.device)
     dino_loss = DINOLoss(cfg.ssl.out_dim, 2, cfg.ssl.student_temp, cfg.ssl.warmup_teacher_temp,
@@ -209,19 +213,20 @@ def _pretrain(cfg: Config) -> dict:
     epoch, step_in_epoch, global_step, best_knn, nonfinite_skipped = 0, 0, 0, 0.0, 0
     if rt.is_main:
         checkpoint.remove_stale(out_dir)
-    folder = checkpoint.resolve(out_dir, cfg.run.resume)
+    folder = checkpoint.resolve(out_dir, cfg.run.resume, announce=rt.is_main)
     if folder is not None:
         saved = checkpoint.read_state(folder)
         if saved.get("stage") != STAGE or saved["model"] != cfg.model.name:
             raise ConfigError(f"run.resume: {folder} is a {saved.get('stage', 'supervised')} checkpoint of "
                               f"{saved['model']}, not a pretraining checkpoint of {cfg.model.name}")
+        run_folder.check_resume(saved, resolved, folder)   # before DeepSpeed reads a byte of it
         state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
         teacher.load_state_dict(state["teacher"])
         dino_loss.center.copy_(state["center"])
         global_step, best_knn = state["global_step"], state["best_knn"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
-    run_log = open_run_folder(cfg, rt, out_dir)
+    run_log = open_run_folder(resolved, rt, out_dir)
 
     def read_nonfinite() -> None:
         """Device skip: report the first non-finite step since the last read (which stops the run)."""
@@ -239,7 +244,8 @@ def _pretrain(cfg: Config) -> dict:
             "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
             "nonfinite_skipped": nonfinite_skipped,
             "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
-            "center": dino_loss.center.detach().cpu()}, rt.is_main, export=teacher.model)
+            "center": dino_loss.center.detach().cpu(), **run_folder.state_entries(resolved)}, rt.is_main,
+            export=teacher.model, hub_config=hub_config, keep_last=cfg.run.keep_last)
 
     def nonfinite(what: str, value) -> None:
         report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from engine import checkpoint
+from engine import checkpoint, run_folder
 from engine.config import Config, ConfigError
 from engine.deepspeed_json import resolve_into_config
 from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
@@ -45,6 +45,7 @@ from engine.tasks import build_tasks, class_ce, effective_epochs
 from engine.tasks.ramps import current_weights, ramp_warnings
 from loaders.batch import Batch
 from loaders.factory import build_loader, preflight
+from loaders.holdout import holdout_for
 
 log = logging.getLogger("smallvit")
 
@@ -152,6 +153,8 @@ def train(cfg: Config) -> dict:
 
 def _train(cfg: Config) -> dict:
     cfg = resolve_into_config(cfg)   # a user's DeepSpeed JSON: its batch, accumulation, clip, stage, bf16 into cfg
+    run_folder.check_out_dir(cfg)   # a file at run.out_dir, a run already there: refused before any work
+    run_folder.check_fresh(cfg)
     preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
     rt = init_runtime(cfg.engine.device)
     out_dir = Path(cfg.run.out_dir)
@@ -163,9 +166,12 @@ def _train(cfg: Config) -> dict:
 
     # ---- data
     perceptibility = cfg.tasks.perceptibility if cfg.tasks.perceptibility.enabled else None
+    holdout = holdout_for(cfg.data.train, cfg.data.val_fraction, cfg.run.seed)   # None unless data.val_fraction
     train_loader, meta = build_loader(cfg.data, True, cfg.run.seed, rt.device, rt.rank, rt.world_size,
                                       torch.float32, channels_last, label_smoothing=cfg.optim.label_smoothing,
-                                      perceptibility=perceptibility)
+                                      perceptibility=perceptibility, subset=holdout and holdout.train)
+    val_loader = holdout and build_loader(cfg.data, False, cfg.run.seed, rt.device, rt.rank, rt.world_size,
+                                          torch.float32, channels_last, subset=holdout.val, path=cfg.data.train)[0]
     test_loader, _ = build_loader(cfg.data, False, cfg.run.seed, rt.device, rt.rank, rt.world_size,
                                   torch.float32, channels_last)
     num_classes = cfg.model.num_classes or meta["num_classes"]
@@ -182,6 +188,8 @@ def _train(cfg: Config) -> dict:
     except ValueError as exc:   # an option the model does not define (e.g. model.init=d on swin)
         raise ConfigError(str(exc)) from None
     init_pos_embed(model, cfg.model.pos_embed_init)
+    resolved = run_folder.resolved_config(cfg, meta, num_classes, model, "bf16" if bf16 else "fp32")
+    hub_config = run_folder.hub_config(resolved, meta, model_kwargs(resolved.model, drop_path=0.0))
     tasks = build_tasks(cfg, model.embed_dim, model.grid_size)
     if cfg.model.finetune_from:   # by name, into the model and the task heads; report in out_dir/finetune_load.json
         load_finetune_weights(model, cfg.model, out_dir, rt.is_main, tasks=tasks)
@@ -221,12 +229,15 @@ def _train(cfg: Config) -> dict:
     epoch, step_in_epoch, global_step, best_top1, nonfinite_skipped = 0, 0, 0, 0.0, 0
     if rt.is_main:
         checkpoint.remove_stale(out_dir)
-    folder = checkpoint.resolve(out_dir, cfg.run.resume)
+    folder = checkpoint.resolve(out_dir, cfg.run.resume, announce=rt.is_main)
+    selection = run_folder.Selection(holdout is not None)
     if folder is not None:
         saved = checkpoint.read_state(folder)
         if saved["model"] != cfg.model.name or saved["num_classes"] != num_classes:
             raise ConfigError(f"run.resume: {folder} holds {saved['model']} with {saved['num_classes']} classes, "
                               f"the config asks for {cfg.model.name} with {num_classes}")
+        run_folder.check_resume(saved, resolved, folder)   # before DeepSpeed reads a byte of it
+        selection = run_folder.Selection(holdout is not None, saved.get("selection"))
         state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
         global_step, best_top1 = state["global_step"], state["best_top1"]
         nonfinite_skipped = state.get("nonfinite_skipped", 0)
@@ -244,7 +255,7 @@ def _train(cfg: Config) -> dict:
             if rt.is_main:
                 log.info("graphed step: %s (engine.graph_step=%s)", graph_plan.mode, cfg.engine.graph_step)
 
-    run_log = open_run_folder(cfg, rt, out_dir)
+    run_log = open_run_folder(resolved, rt, out_dir)
     shown_loss = float("nan")   # the progress bar's loss: the last step's, or the last read window's mean
 
     def read_window(lr: float) -> None:
@@ -267,13 +278,15 @@ def _train(cfg: Config) -> dict:
                                "nonfinite_skipped": nonfinite_skipped,
                                **({"steps_averaged": report.steps} if runner is not None else {})})
 
-    def save_state() -> Path:
+    def save_state(best: bool = False) -> Path:
         read_window(lr)   # a non-finite step not yet reported stops the run before anything is saved
         return checkpoint.save(engine, out_dir, global_step, {
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best_top1": best_top1,
             "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size,
             "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
-            "nonfinite_skipped": nonfinite_skipped}, rt.is_main)
+            "nonfinite_skipped": nonfinite_skipped, "selection": selection.state(),
+            **run_folder.state_entries(resolved)}, rt.is_main, hub_config=hub_config, keep_last=cfg.run.keep_last,
+            best=best)
 
     def nonfinite(what: str, value) -> None:
         report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
@@ -318,18 +331,23 @@ def _train(cfg: Config) -> dict:
                     save_state()   # mid-epoch; an epoch's end has its own checkpoint rule below
             else:
                 # the epoch ran to its end
+                improved = False
                 if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == run_epochs:
                     last_eval = evaluate(forward_model, test_loader, rt, dtype)
                     best_top1 = max(best_top1, last_eval["top1"])
+                    val = val_loader and evaluate(forward_model, val_loader, rt, dtype)
+                    improved = selection.update(global_step, val["top1"] if val else last_eval["top1"],
+                                                last_eval["top1"])
                     if run_log:
                         run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
-                                       "best_top1": best_top1})
+                                       "best_top1": best_top1,
+                                       **({"val_top1": val["top1"], "val_loss": val["loss"]} if val else {})})
                     if progress is not None:
                         progress.write(f"epoch {epoch + 1}/{run_epochs}: test top-1 {last_eval['top1']:.2f}% "
                                        f"(best {best_top1:.2f}%), loss {last_eval['loss']:.4f}")
                 epoch, step_in_epoch = epoch + 1, 0
-                if epoch % cfg.run.checkpoint_every == 0 or epoch == run_epochs:
-                    save_state()
+                if epoch % cfg.run.checkpoint_every == 0 or epoch == run_epochs or improved:
+                    save_state(best=improved)   # a new best is always checkpointed, so best/ can hold it
                 continue
             # left the epoch early (a signal, or run.max_steps): checkpoint where we are
             save_state()
@@ -347,7 +365,9 @@ def _train(cfg: Config) -> dict:
     elapsed = time.perf_counter() - t_start
     summary = {"epochs_done": epoch, "global_step": global_step, "best_top1": best_top1,
                "last": last_eval, "seconds": round(elapsed, 2), "images_per_second": round(seen / max(elapsed, 1e-9), 1),
-               "exit_code": exit_code, "nonfinite_skipped": nonfinite_skipped}
+               "exit_code": exit_code, "nonfinite_skipped": nonfinite_skipped,
+               "best_top1_is": "the best over test evaluations",
+               "selection": selection.summary(last_eval.get("top1"))}
     close_run(rt, out_dir, run_log, summary)
     return summary
 
@@ -361,8 +381,12 @@ def run_training(cfg: Config) -> int:
     """Train and turn the known failures into one line and an exit code."""
     code, summary = run_reporting_errors(train, cfg)
     if code == 0 and summary.get("last"):
-        print(f"final test top-1 {summary['last']['top1']:.2f}% (best {summary['best_top1']:.2f}%), "
-              f"{summary['images_per_second']:.0f} img/s, {summary['seconds']:.0f} s")
+        chosen = summary["selection"]
+        at_best = (f", {chosen['test_top1_at_best']:.2f}% at the best-validation checkpoint"
+                   if chosen["metric"] == "val_top1" and chosen["test_top1_at_best"] is not None else "")
+        print(f"final test top-1 {summary['last']['top1']:.2f}% (best over test evaluations "
+              f"{summary['best_top1']:.2f}%{at_best}), {summary['images_per_second']:.0f} img/s, "
+              f"{summary['seconds']:.0f} s")
     return code
 
 

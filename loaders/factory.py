@@ -57,20 +57,23 @@ def preflight(data) -> dict:
 
 def build_loader(data, train: bool, seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, *, label_smoothing: float = 0.1,
-                 perceptibility=None):
+                 perceptibility=None, subset=None, path=None):
     """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict).
 
     label_smoothing (optim.label_smoothing) is folded into the soft labels when mixup/cutmix is on;
     perceptibility (tasks.perceptibility, read by attribute) makes training batches carry T(x) and its targets.
+    subset: the sample indices to draw from (loaders.holdout), path: the file (default data.train / data.test);
+    a validation loader is train=False over data.train with the held-out subset.
     """
-    path = data.train if train else data.test
+    path = path or (data.train if train else data.test)
     if not path:
         raise DatasetFileError(f"data.{'train' if train else 'test'}: no dataset path given")
     meta = read_sidecar(path)
     check_sidecar(meta, path, data, "train" if train else "test")
     global_batch = data.batch_size if train else data.eval_batch_size
     if not train:
-        global_batch = min(global_batch, max(world_size, meta["num_images"] // world_size * world_size))
+        count = meta["num_images"] if subset is None else len(subset)
+        global_batch = min(global_batch, max(world_size, count // world_size * world_size))
     order = getattr(data, "order", "random")
     pages = None
     if train and order == "quasi_random":
@@ -79,7 +82,7 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
         pages = beton_pages(path)
     plan = EpochPlan(num_samples=meta["num_images"], global_batch=global_batch, seed=seed,
                      repeats=data.repeats if train else 1, shuffle=train, drop_last=data.drop_last if train else False,
-                     order=order, pages=pages)
+                     order=order, pages=pages, subset=subset)
     if train:
         transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last,
                                    num_classes=meta["num_classes"], label_smoothing=label_smoothing,

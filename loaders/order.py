@@ -88,6 +88,14 @@ class EpochPlan:
     drop_last: bool = True
     order: str = "random"                     # 'random' or 'quasi_random' (needs `pages`); shuffle=True only
     pages: Optional[np.ndarray] = field(default=None, compare=False, repr=False)   # (N,) page of each sample
+    # (M,) the sample indices the plan draws from (training without a held-out validation set, or that set);
+    # None = all N. Permutations are of these M, so every rank and loader sees the same subset
+    subset: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+
+    @property
+    def size(self) -> int:
+        """Samples one pass covers: len(subset), or N."""
+        return self.num_samples if self.subset is None else len(self.subset)
 
     def __post_init__(self):
         if self.order not in ORDERS:
@@ -99,17 +107,23 @@ class EpochPlan:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """(repeats * N,) int64 sample indices for `epoch`, in global order."""
+        if self.subset is not None:
+            return np.asarray(self.subset, dtype=np.int64)[self._permutation(epoch, self.size)]
+        return self._permutation(epoch, self.num_samples)
+
+    def _permutation(self, epoch: int, n: int) -> np.ndarray:
         if not self.shuffle:
-            return np.tile(np.arange(self.num_samples, dtype=np.int64), self.repeats)
+            return np.tile(np.arange(n, dtype=np.int64), self.repeats)
         rng = np.random.Generator(np.random.Philox(key=[self.seed & 0xFFFFFFFFFFFFFFFF, epoch]))
         if self.order == "quasi_random":
             window = 2 * self.global_batch
-            return np.concatenate([quasi_random_permutation(self.pages, rng, window) for _ in range(self.repeats)])
-        return np.concatenate([rng.permutation(self.num_samples) for _ in range(self.repeats)]).astype(np.int64)
+            pages = self.pages if self.subset is None else self.pages[self.subset]
+            return np.concatenate([quasi_random_permutation(pages, rng, window) for _ in range(self.repeats)])
+        return np.concatenate([rng.permutation(n) for _ in range(self.repeats)]).astype(np.int64)
 
     def steps(self) -> int:
         """Global steps (batches) per epoch."""
-        total = self.num_samples * self.repeats
+        total = self.size * self.repeats
         return total // self.global_batch if self.drop_last else -(-total // self.global_batch)
 
     def rank_positions(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
@@ -121,7 +135,7 @@ class EpochPlan:
         """
         if self.global_batch % world_size:
             raise ValueError(f"global batch {self.global_batch} does not split over {world_size} ranks")
-        total = self.steps() * self.global_batch if self.drop_last else self.num_samples * self.repeats
+        total = self.steps() * self.global_batch if self.drop_last else self.size * self.repeats
         chunks = []
         for t in range(start_step, self.steps()):
             step_start = t * self.global_batch
@@ -138,7 +152,7 @@ class EpochPlan:
 
     def rank_repeats(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
         """The repeat number (0..repeats-1) of each sample rank_order returns, in the same order."""
-        return self.rank_positions(rank, world_size, start_step) // self.num_samples
+        return self.rank_positions(rank, world_size, start_step) // self.size
 
     def per_rank_batch(self, world_size: int) -> int:
         return self.global_batch // world_size

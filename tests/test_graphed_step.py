@@ -26,7 +26,7 @@ def _cfg(betons, out, *extra):
         "data.batch_size=8", "data.eval_batch_size=48", "model.depth=1", "model.embed_dim=16", "model.num_heads=2",
         "model.drop_path=0.1", "optim.epochs=9", "optim.warmup_epochs=1", "optim.clip_grad=0.5",
         "engine.precision=fp32", "engine.device=cpu", "run.progress=false", "run.log_every=1", f"run.out_dir={out}",
-        "tasks.drloc.enabled=true", "tasks.drloc.hidden=16", "tasks.drloc.pairs=8",
+        "run.keep_last=0", "tasks.drloc.enabled=true", "tasks.drloc.hidden=16", "tasks.drloc.pairs=8",
         "tasks.perceptibility.enabled=true", "tasks.perceptibility.hidden=16", *extra])
 
 

@@ -69,3 +69,6 @@ def create_model(name: str, **kwargs) -> nn.Module:
 
 
 from engine.models import cait, cait_d, swin, vit  # noqa: E402,F401  (registers)
+from engine.models.timm_hub import register_all as _register_with_timm  # noqa: E402
+
+_register_with_timm(list_models())
