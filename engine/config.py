@@ -145,7 +145,11 @@ class OptimConfig:
     epochs: int = 100
     lr: float = 1e-3                   # peak learning rate (AdamW)
     min_lr: float = 1e-6               # cosine floor
-    weight_decay: float = 0.05         # not applied to biases and 1-D parameters
+    weight_decay: float = 0.05         # AdamW's decoupled decay, on the parameters optim.no_decay leaves decaying
+    # which parameters are exempt from decay (engine/weight_decay.py): 'none' = all decay (B's finetune.py, D's and
+    # A's main), 'dino' = biases and 1-D parameters exempt (DINO; C's code on a ViT), 'timm' = those and what the
+    # model's no_weight_decay() names (pos_embed, cls_token, Swin's relative-position tables)
+    no_decay: Literal["none", "dino", "timm"] = "timm"
     warmup_epochs: float = 10.0        # linear warm-up, per iteration
     betas: tuple = (0.9, 0.999)
     clip_grad: float = 0.0             # max global grad norm; 0 disables

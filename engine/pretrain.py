@@ -46,7 +46,8 @@ from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
-from engine.train import StopFlag, mean_over_ranks, param_groups
+from engine.train import StopFlag, mean_over_ranks
+from engine.weight_decay import param_groups
 from loaders.factory import build_loader, preflight
 
 log = logging.getLogger("smallvit")
@@ -174,7 +175,7 @@ def _pretrain(cfg: Config) -> dict:
         teacher = teacher.to(memory_format=torch.channels_last)
     import deepspeed
 
-    groups = param_groups(student, cfg.optim.weight_decay)     # [decay, no decay]: the schedule drives group 0
+    groups = param_groups(student, cfg.optim.weight_decay, cfg.optim.no_decay)   # the schedule drives group 0
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=rt.device.type == "cuda")
     ds_config = deepspeed_config(cfg, rt.world_size, False)
     ds_config["gradient_clipping"] = cfg.optim.clip_grad if cfg.ssl.clip_mode == "global" else 0.0

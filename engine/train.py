@@ -41,6 +41,7 @@ from engine.models.pretrained import load_finetune_weights
 from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.schedule import lr_at
 from engine.tasks import build_tasks, class_ce, effective_epochs
+from engine.weight_decay import param_groups
 from loaders.batch import Batch
 from loaders.factory import build_loader, preflight
 
@@ -86,17 +87,6 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
     return dict(zip(names, stacked.tolist()))
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as in the recipes: no weight decay on biases and 1-D parameters (norms, tokens, embeddings)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
-         else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
@@ -186,8 +176,8 @@ def _train(cfg: Config) -> dict:
         module = module.to(memory_format=torch.channels_last)
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, fused=rt.device.type == "cuda")
+    groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=rt.device.type == "cuda")
     graph_plan = plan_graph_step(cfg, rt.world_size, rt.device, meta["num_images"])
     if graph_plan.reason:
         log_fallback(graph_plan.reason, rt.is_main)
