@@ -322,22 +322,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "") -> Config:
+    """The checked Config of a YAML tree (read from `source`, named in its errors) and dotted overrides, applied in
+    order. An error names its cause: the file for a key of the file, `override KEY=VALUE` for a command-line one."""
     tree = dict(tree or {})
-    keys = set()
+    where = f"{source}: " if source else ""
+    try:
+        _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    given: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-        keys.add(key)
-    if keys & {"data.train", "data.test"} and "data.dataset" not in keys and isinstance(tree.get("data"), dict):
+        try:
+            _build(Config, tree, "")
+        except ConfigError as exc:
+            raise ConfigError(f"override {text}: {exc}") from None
+        given[key] = text
+    if given.keys() & {"data.train", "data.test"} and "data.dataset" not in given and isinstance(tree.get("data"), dict):
         tree["data"] = {**tree["data"], "dataset": ""}   # the recipe named the dataset of its paths, not of these
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(f"override {given[key]}: {exc}" if key in given else f"{where}{exc}") from None
     return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or none: all defaults) and apply dotted overrides; raise ConfigError naming the key."""
+    """Read a YAML recipe (or none: all defaults) and apply dotted overrides; raise ConfigError naming the key and
+    where it was set (the file, or the command-line override)."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -349,10 +365,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    try:
-        return config_from_dict(tree, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    return config_from_dict(tree, overrides, str(path) if path else "")
 
 
 def validate(cfg: Config) -> None:
