@@ -35,7 +35,7 @@ from torch import nn
 from engine import checkpoint
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck, discard_gradients
-from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
+from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, log_line, open_run_folder, progress_bar,
                          report_nonfinite, restore_checkpoint, run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
@@ -292,9 +292,8 @@ def _pretrain(cfg: Config) -> dict:
                         if run_log:
                             run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1,
                                            "knn_top1": last_knn, "best_knn": best_knn})
-                        if progress is not None:
-                            progress.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: k-NN top-1 {last_knn:.2f}% "
-                                           f"(best {best_knn:.2f}%)")
+                        log_line(progress, rt, f"epoch {epoch + 1}/{cfg.optim.epochs}: k-NN top-1 "
+                                               f"{last_knn:.2f}% (best {best_knn:.2f}%)")
                     if dist.is_initialized():
                         dist.barrier()
                 epoch, step_in_epoch = epoch + 1, 0

@@ -119,3 +119,103 @@ def test_no_decay_default_is_timm_and_bad_value_names_the_key():
     assert config_from_dict({}).optim.no_decay == "timm"
     with pytest.raises(ConfigError, match=r"optim\.no_decay"):
         config_from_dict({}, ["optim.no_decay=all"])
+
+
+# ------------------------------------------------------------------------- evaluation normalises with train stats
+def _write_split(folder: Path, split: str, n: int, classes: int, name: str, low: int = 0, high: int = 256,
+                 seed: int = 0) -> Path:
+    """n random 32x32 images with pixels in [low, high) (so the sidecar's mean/std are the set's own), labels cycling."""
+    import numpy as np
+    from loaders.convert.digits import ArraySource
+    from loaders.convert.writer import WriteOptions, write_beton
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(low, high, (n, 32, 32, 3), dtype=np.uint8)
+    out = folder / f"{split}.beton"
+    write_beton(ArraySource(images, np.arange(n) % classes, [f"c{i}" for i in range(classes)], name, split), out,
+                WriteOptions(num_workers=1, progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shifted_betons(tmp_path_factory):
+    """A training split of full-range pixels and a test split of bright ones (another mean/std in its sidecar)."""
+    folder = tmp_path_factory.mktemp("shifted")
+    return {"train": _write_split(folder, "train", 40, 4, "shifted"),
+            "test": _write_split(folder, "test", 24, 4, "shifted", low=150, seed=1)}
+
+
+def _stats(path):
+    from loaders.sidecar import read_sidecar
+
+    meta = read_sidecar(path)
+    return meta["mean"], meta["std"]
+
+
+def test_evaluation_loader_normalises_with_the_training_statistics(shifted_betons):
+    from engine.config import DataConfig
+    from loaders.factory import build_loader
+
+    (train_mean, train_std), (test_mean, _) = _stats(shifted_betons["train"]), _stats(shifted_betons["test"])
+    assert abs(test_mean[0] - train_mean[0]) > 0.1               # the test split's own statistics differ
+    data = DataConfig(train=str(shifted_betons["train"]), test=str(shifted_betons["test"]), loader="resident",
+                      num_workers=0)
+    loader, meta = build_loader(data, False, 0, torch.device("cpu"))
+    assert meta["num_images"] == 24                               # the test split's loader...
+    assert loader.transform.mean.tolist() == pytest.approx(train_mean)   # ...normalised as the training split
+    assert loader.transform.std.tolist() == pytest.approx(train_std)
+    raw = torch.cat([b.images for b in loader.epoch(0)])
+    assert raw.mean().item() > 0.5   # bright test images stay bright after the training statistics (~0 with their own)
+
+
+def test_knn_probe_bank_and_queries_both_use_the_training_statistics(shifted_betons, monkeypatch):
+    import loaders.factory as factory
+    from engine.config import config_from_dict
+    from engine.models import create_model
+    from engine.pretrain import knn_probe
+    from engine.runtime import Runtime
+
+    seen = []
+    real = factory.EvalTransform
+    monkeypatch.setattr(factory, "EvalTransform", lambda mean, std, *a, **k: seen.append(list(mean)) or
+                        real(mean, std, *a, **k))
+    cfg = config_from_dict({}, [f"data.train={shifted_betons['train']}", f"data.test={shifted_betons['test']}",
+                                "data.loader=resident", "data.num_workers=0", "ssl.knn_k=3"])
+    model = create_model("vit_cifar", num_classes=0, depth=1, embed_dim=32, num_heads=2)
+    knn_probe(model, cfg, Runtime(0, 1, 0, torch.device("cpu")), torch.float32)
+    train_mean = _stats(shifted_betons["train"])[0]
+    assert len(seen) == 2 and all(m == pytest.approx(train_mean) for m in seen)   # bank and queries
+
+
+def test_run_records_its_training_statistics_and_eval_uses_them(shifted_betons, tmp_path, monkeypatch, capsys):
+    """trainer_state.pt carries the training split's mean/std; `smallvit eval` normalises with them, and with the
+    run's training sidecar for a checkpoint written before they were recorded."""
+    import loaders.factory as factory
+    from engine import checkpoint
+    from engine.cli import main
+    from engine.config import config_from_dict
+    from engine.train import train
+
+    out = tmp_path / "run"
+    train(config_from_dict({}, [f"data.train={shifted_betons['train']}", f"data.test={shifted_betons['test']}",
+                                "data.loader=resident", "data.batch_size=20", "data.eval_batch_size=24",
+                                "model.depth=1", "model.embed_dim=32", "model.num_heads=2", "optim.epochs=1",
+                                "optim.warmup_epochs=0", "engine.precision=fp32", "run.progress=false",
+                                f"run.out_dir={out}"]))
+    folder = checkpoint.find(out)
+    state = checkpoint.read_state(folder)
+    train_mean, train_std = _stats(shifted_betons["train"])
+    assert state["mean"] == pytest.approx(train_mean) and state["std"] == pytest.approx(train_std)
+
+    recorded = {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}
+    torch.save({**state, **recorded}, folder / checkpoint.STATE_FILE)
+    stats_seen = []
+    real = factory.build_loader
+    monkeypatch.setattr(factory, "build_loader", lambda *a, **k: stats_seen.append(k.get("stats")) or real(*a, **k))
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    old = {k: v for k, v in state.items() if k not in ("mean", "std")}
+    torch.save(old, folder / checkpoint.STATE_FILE)
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    assert stats_seen[0] == (recorded["mean"], recorded["std"])
+    assert stats_seen[1][0] == pytest.approx(train_mean) and stats_seen[1][1] == pytest.approx(train_std)
+    assert '"count": 24' in capsys.readouterr().out
