@@ -219,3 +219,107 @@ def test_run_records_its_training_statistics_and_eval_uses_them(shifted_betons, 
     assert stats_seen[0] == (recorded["mean"], recorded["std"])
     assert stats_seen[1][0] == pytest.approx(train_mean) and stats_seen[1][1] == pytest.approx(train_std)
     assert '"count": 24' in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- several ranks: plan level
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("num_samples, global_batch, repeats", [(97, 32, 1), (97, 30, 1), (50, 12, 2), (7, 6, 1),
+                                                                (1, 6, 1), (101, 24, 3)])
+def test_training_plan_without_drop_last_gives_every_rank_the_same_steps(world, num_samples, global_batch, repeats):
+    """drop_last=false: each rank reads the same number of batches (its loaders cut the rank's order into
+    per-rank batches), each sample at most `repeats` times, batches as equal over the ranks as the tail allows."""
+    import numpy as np
+    from loaders.order import EpochPlan
+
+    global_batch = global_batch // world * world
+    plan = EpochPlan(num_samples, global_batch, seed=1, repeats=repeats, drop_last=False, lockstep_ranks=world)
+    per = plan.per_rank_batch(world)
+    batches = []
+    for rank in range(world):
+        positions = plan.rank_positions(rank, world)
+        batches.append([positions[i:i + per] for i in range(0, len(positions), per)])
+    assert all(len(b) == plan.steps() for b in batches)                       # the same step count on every rank
+    for step in range(plan.steps()):
+        assert len({len(b[step]) for b in batches}) == 1                      # and the same batch size per step
+    seen = np.concatenate([np.concatenate(b) for b in batches if b]) if plan.steps() else np.zeros(0, int)
+    assert len(set(seen.tolist())) == len(seen)                              # each position once
+    dropped = num_samples * repeats - len(seen)
+    assert 0 <= dropped < world                                               # at most the tail's remainder
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 6])
+@pytest.mark.parametrize("num_images, requested", [(50, 17), (50, 512), (10000, 512), (5, 64)])
+def test_evaluation_plan_splits_any_eval_batch_and_sees_every_image_once(world, num_images, requested):
+    import numpy as np
+    from loaders.factory import eval_global_batch
+    from loaders.order import EpochPlan
+
+    batch = eval_global_batch(requested, num_images, world)
+    assert batch % world == 0 and 0 < batch <= max(requested, world)
+    plan = EpochPlan(num_images, batch, shuffle=False, drop_last=False)
+    seen = np.concatenate([plan.rank_order(0, r, world) for r in range(world)])
+    assert sorted(seen.tolist()) == list(range(num_images))
+
+
+# ---------------------------------------------------------------------------------- several ranks: the launcher
+def _launch(world: int, betons: dict, out: Path, *extra: str, timeout: float = 420):
+    """`deepspeed --num_gpus world` (gloo on the CPU) on the traced training entry; a hang is killed (the whole
+    process group: the ranks too) and fails the test instead of hanging it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "reliability"))
+    import runs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(port),
+           str(runs.REPO / "tests" / "reliability" / "traced_train.py"),
+           *runs.overrides(betons, out, *extra, drloc=False)]
+    proc = subprocess.Popen(cmd, cwd=runs.REPO, env=runs.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{world} ranks: no end after {timeout:.0f} s (a hang); last output:\n{output[-3000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    return runs
+
+
+@pytest.fixture(scope="module")
+def odd_betons(tmp_path_factory):
+    """97 training and 50 test images: neither splits evenly over 2 or 3 ranks at the batches below."""
+    folder = tmp_path_factory.mktemp("odd")
+    return {"train": _write_split(folder, "train", 97, 4, "odd"),
+            "test": _write_split(folder, "test", 50, 4, "odd", seed=1)}
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.parametrize("world, batch", [(2, 32), (3, 30)])
+def test_ranks_without_drop_last_and_an_eval_batch_that_does_not_split(odd_betons, tmp_path, world, batch):
+    """Issue 25 items 7 and 8 in one launch per world size: data.drop_last=false with 97 images (2 ranks at batch
+    32: a last step of 1 image, which one rank had no share of, hung the gradient all-reduce) and
+    data.eval_batch_size=17 (3 ranks: "global batch 17 does not split over 3 ranks" at the first evaluation).
+    Every rank takes the same steps, no sample twice per epoch, and each evaluation counts the 50 test images."""
+    out = tmp_path / f"ranks{world}"
+    runs = _launch(world, odd_betons, out, f"data.batch_size={batch}", "data.eval_batch_size=17",
+                   "data.drop_last=false", "optim.epochs=2", "data.train=" + str(odd_betons["train"]),
+                   "data.test=" + str(odd_betons["test"]), "data.dataset=odd")
+    traces = [runs.trace(out, r) for r in range(world)]
+    steps = [sorted(t) for t in traces]
+    assert all(s == steps[0] for s in steps)                  # the same global steps on every rank
+    per_epoch = 97 // batch + (97 % batch >= world)
+    assert steps[0] == list(range(1, 2 * per_epoch + 1))
+    for epoch in (0, 1):
+        seen = [i for t in traces for rec in t.values() if int(rec["epoch"]) == epoch for i in rec["index"]]
+        assert len(seen) == len(set(seen)) and len(seen) > 97 - world
+    evals = runs.records(out, "eval")
+    assert [r["epoch"] for r in evals] == [1, 2] and all(r["count"] == 50 for r in evals)
+    assert all("top5" not in r for r in evals)                 # 4 classes: no top-5
