@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return int(bench_main(argv[1:]) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides after an option (`eval RUN --no-progress data.test=...`): argparse leaves them over
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
