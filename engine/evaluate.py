@@ -78,12 +78,16 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint `smallvit eval PATH` names: a run folder (its latest checkpoint) or a checkpoint folder.
     Raises FileNotFoundError naming PATH as the user typed it when it holds no exported checkpoint."""
     folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"{path}: no such run folder or checkpoint folder")
     latest = folder / "checkpoints" / "latest"
     if latest.is_file():
         folder = folder / "checkpoints" / latest.read_text().strip()
-    if not (folder / checkpoint.STATE_FILE).is_file() or not (folder / checkpoint.EXPORT_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a run folder or checkpoint folder (no {checkpoint.STATE_FILE} and "
-                                f"{checkpoint.EXPORT_FILE} there{'' if folder == Path(path) else ' in ' + str(folder)})")
+    missing = [name for name in (checkpoint.STATE_FILE, checkpoint.EXPORT_FILE) if not (folder / name).is_file()]
+    if missing:
+        where = "" if folder == Path(path) else f" (its latest checkpoint {folder})"
+        raise FileNotFoundError(f"{path}: not a complete smallvit checkpoint{where}: {' and '.join(missing)} "
+                                f"missing (a run folder or a checkpoints/step_* folder)")
     return folder
 
 
