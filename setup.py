@@ -1,9 +1,14 @@
 """smallvit: a fast data-and-training engine for Vision Transformers on small image datasets."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "engine" / "__init__.py").read_text())[1]
 
 setup(
     name="smallvit",
-    version="0.1.0",
+    version=VERSION,
     description="Train Vision Transformers on small image datasets fast: FFCV/DALI/GPU-resident loaders, "
     "GPU augmentation, drloc and translation-perceptibility auxiliary tasks, Triton kernels, DeepSpeed loop.",
     python_requires=">=3.10",

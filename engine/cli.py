@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Vision Transformers on small image datasets fast: convert a dataset to .beton, train "
                     "with auxiliary tasks (drloc, translation/scale perceptibility) under DeepSpeed, evaluate, "
                     "inspect files, and benchmark the data path and heads.")
+    from engine import __version__
+
+    parser.add_argument("--version", action="version", version=f"smallvit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", formatter_class=_Formatter, epilog=_config_epilog(),
@@ -146,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate exported weights (a run folder or a checkpoint folder) on the "
                                    "test split named by the run's config (or --config/overrides).")
     p.add_argument("checkpoint", help="run folder (its latest checkpoint) or checkpoint folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also run.progress=false)")
     _add_config_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -187,8 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:   # everything after `bench` is the bench's own (its -h/--help included)
+        from bench.__main__ import main as bench_main
+
+        return int(bench_main(argv[1:]) or 0)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # key=value overrides after an option (`eval RUN --no-progress data.test=...`): argparse leaves them over
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:

@@ -147,7 +147,11 @@ class OptimConfig:
     epochs: int = 100
     lr: float = 1e-3                   # peak learning rate (AdamW)
     min_lr: float = 1e-6               # cosine floor
-    weight_decay: float = 0.05         # not applied to biases and 1-D parameters
+    weight_decay: float = 0.05         # AdamW's decoupled decay, on the parameters optim.no_decay leaves decaying
+    # which parameters are exempt from decay (engine/weight_decay.py): 'none' = all decay (B's finetune.py, D's and
+    # A's main), 'dino' = biases and 1-D parameters exempt (DINO; C's code on a ViT), 'timm' = those and what the
+    # model's no_weight_decay() names (pos_embed, cls_token, Swin's relative-position tables)
+    no_decay: Literal["none", "dino", "timm"] = "timm"
     warmup_epochs: float = 10.0        # linear warm-up, per iteration
     betas: tuple = (0.9, 0.999)
     clip_grad: float = 0.0             # max global grad norm; 0 disables
@@ -324,22 +328,38 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] = (), source: str = "") -> Config:
+    """The checked Config of a YAML tree (read from `source`, named in its errors) and dotted overrides, applied in
+    order. An error names its cause: the file for a key of the file, `override KEY=VALUE` for a command-line one."""
     tree = dict(tree or {})
-    keys = set()
+    where = f"{source}: " if source else ""
+    try:
+        _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    given: dict[str, str] = {}
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-        keys.add(key)
-    if keys & {"data.train", "data.test"} and "data.dataset" not in keys and isinstance(tree.get("data"), dict):
+        try:
+            _build(Config, tree, "")
+        except ConfigError as exc:
+            raise ConfigError(f"override {text}: {exc}") from None
+        given[key] = text
+    if given.keys() & {"data.train", "data.test"} and "data.dataset" not in given and isinstance(tree.get("data"), dict):
         tree["data"] = {**tree["data"], "dataset": ""}   # the recipe named the dataset of its paths, not of these
     cfg = _build(Config, tree, "")
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0]
+        raise ConfigError(f"override {given[key]}: {exc}" if key in given else f"{where}{exc}") from None
     return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or none: all defaults) and apply dotted overrides; raise ConfigError naming the key."""
+    """Read a YAML recipe (or none: all defaults) and apply dotted overrides; raise ConfigError naming the key and
+    where it was set (the file, or the command-line override)."""
     tree: dict = {}
     if path:
         p = Path(path)
@@ -351,10 +371,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
-    try:
-        return config_from_dict(tree, overrides)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}" if path else str(exc)) from None
+    return config_from_dict(tree, overrides, str(path) if path else "")
 
 
 def validate(cfg: Config) -> None:

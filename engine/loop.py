@@ -89,6 +89,20 @@ def progress_bar(cfg: Config, rt: Runtime, total: int, initial: int):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout)
 
 
+def log_line(progress, rt: Runtime, message: str) -> None:
+    """A per-epoch result line through logging on the main rank, whether or not a progress bar is shown (with one,
+    the console handlers write above it instead of through it)."""
+    if not rt.is_main:
+        return
+    if progress is None:
+        log.info(message)
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        log.info(message)
+
+
 def close_run(rt: Runtime, out_dir: Path, run_log: Optional[RunLog], summary: dict) -> None:
     """Main rank: write summary.json, close the logs, draw curves.png."""
     if not rt.is_main:

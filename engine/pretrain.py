@@ -34,7 +34,7 @@ from torch import nn
 from engine import checkpoint, run_folder
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck
-from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, open_run_folder, progress_bar,
+from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, log_line, open_run_folder, progress_bar,
                          report_nonfinite, restore_checkpoint, run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
@@ -47,7 +47,8 @@ from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
 from engine.ssl.step import DINOStep
-from engine.train import StopFlag, mean_over_ranks, param_groups
+from engine.train import StopFlag, mean_over_ranks
+from engine.weight_decay import param_groups
 from loaders.factory import build_loader, preflight
 
 log = logging.getLogger("smallvit")
@@ -192,7 +193,7 @@ def _pretrain(cfg: Config) -> dict:
         teacher = teacher.to(memory_format=torch.channels_last)
     import deepspeed
 
-    groups = param_groups(student, cfg.optim.weight_decay)     # [decay, no decay]: the schedule drives group 0
+    groups = param_groups(student, cfg.optim.weight_decay, cfg.optim.no_decay)   # the schedule drives group 0
     optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=rt.device.type == "cuda")
     ds_config = deepspeed_config(cfg, rt.world_size, False)
     ds_config["gradient_clipping"] = cfg.optim.clip_grad if cfg.ssl.clip_mode == "global" else 0.0
@@ -305,9 +306,8 @@ def _pretrain(cfg: Config) -> dict:
                         if run_log:
                             run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1,
                                            "knn_top1": last_knn, "best_knn": best_knn})
-                        if progress is not None:
-                            progress.write(f"epoch {epoch + 1}/{cfg.optim.epochs}: k-NN top-1 {last_knn:.2f}% "
-                                           f"(best {best_knn:.2f}%)")
+                        log_line(progress, rt, f"epoch {epoch + 1}/{cfg.optim.epochs}: k-NN top-1 "
+                                               f"{last_knn:.2f}% (best {best_knn:.2f}%)")
                     if dist.is_initialized():
                         dist.barrier()
                 epoch, step_in_epoch = epoch + 1, 0

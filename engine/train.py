@@ -23,26 +23,27 @@ if __package__ in (None, ""):  # run as a script (`deepspeed engine/train.py`): 
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from engine import checkpoint, run_folder
 from engine.config import Config, ConfigError
 from engine.deepspeed_json import resolve_into_config
+from engine.evaluate import evaluate
 from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
 from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_run, launcher_main,  # noqa: F401
-                         open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
+                         log_line, open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
                          run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
 from engine.precision import compute_dtype
-from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
+from engine.runtime import deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.schedule import lr_at
 from engine.supervised_step import SupervisedStep
 from engine.tasks import build_tasks, class_ce, effective_epochs
 from engine.tasks.ramps import current_weights, ramp_warnings
+from engine.weight_decay import param_groups
 from loaders.batch import Batch
 from loaders.factory import build_loader, preflight
 from loaders.holdout import holdout_for
@@ -89,40 +90,6 @@ def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
     return dict(zip(names, stacked.tolist()))
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups as in the recipes: no weight decay on biases and 1-D parameters (norms, tokens, embeddings)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
-         else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, rt: Runtime, dtype: torch.dtype) -> dict[str, float]:
-    """Top-1, top-5 (percent) and mean CE loss over the whole test split, summed across ranks."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)   # loss sum, top1, top5, count
-    autocast = torch.autocast(rt.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    for batch in loader.epoch(0):
-        with autocast:
-            logits = model(batch.images).float()
-        sums[0] += F.cross_entropy(logits, batch.labels, reduction="sum").double()
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hits = top5 == batch.labels[:, None]
-        sums[1] += hits[:, 0].sum()
-        sums[2] += hits.any(1).sum()
-        sums[3] += len(batch)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    model.train()
-    loss_sum, top1, top5, count = sums.tolist()   # one read of the device totals
-    n = max(count, 1.0)
-    return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "count": int(count)}
 
 
 class StopFlag:
@@ -198,8 +165,8 @@ def _train(cfg: Config) -> dict:
         module = module.to(memory_format=torch.channels_last)
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(module, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=cfg.optim.betas, fused=rt.device.type == "cuda")
+    groups = param_groups(module, cfg.optim.weight_decay, cfg.optim.no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, fused=rt.device.type == "cuda")
     graph_plan = plan_graph_step(cfg, rt.world_size, rt.device, meta["num_images"])
     if graph_plan.reason:
         log_fallback(graph_plan.reason, rt.is_main)
@@ -285,6 +252,7 @@ def _train(cfg: Config) -> dict:
             "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size,
             "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
             "nonfinite_skipped": nonfinite_skipped, "selection": selection.state(),
+            "dataset": meta["dataset"], "mean": list(meta["mean"]), "std": list(meta["std"]),
             **run_folder.state_entries(resolved)}, rt.is_main, hub_config=hub_config, keep_last=cfg.run.keep_last,
             best=best)
 
@@ -342,9 +310,9 @@ def _train(cfg: Config) -> dict:
                         run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
                                        "best_top1": best_top1,
                                        **({"val_top1": val["top1"], "val_loss": val["loss"]} if val else {})})
-                    if progress is not None:
-                        progress.write(f"epoch {epoch + 1}/{run_epochs}: test top-1 {last_eval['top1']:.2f}% "
-                                       f"(best {best_top1:.2f}%), loss {last_eval['loss']:.4f}")
+                    val_text = f", validation top-1 {val['top1']:.2f}%" if val else ""
+                    log_line(progress, rt, f"epoch {epoch + 1}/{run_epochs}: test top-1 {last_eval['top1']:.2f}% "
+                                           f"(best {best_top1:.2f}%){val_text}, loss {last_eval['loss']:.4f}")
                 epoch, step_in_epoch = epoch + 1, 0
                 if epoch % cfg.run.checkpoint_every == 0 or epoch == run_epochs or improved:
                     save_state(best=improved)   # a new best is always checkpointed, so best/ can hold it

@@ -3,6 +3,10 @@
 `data` is the run's data config, read by attribute (loaders never import engine). 'auto' means resident when the
 split fits in `data.resident_max_fraction` of device memory, else ffcv. `data.order` (random / quasi_random) picks
 the training order for every loader alike (loaders.order); quasi_random reads the pages from the .beton.
+
+Every split is normalised with the training split's mean/std (its sidecar's, or the statistics a run recorded), as
+the references normalise with fixed training statistics: a test split's own statistics would partly undo a shift
+or corruption of the test set.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from loaders.sidecar import DatasetFileError, read_sidecar
 from loaders.transforms.pipeline import EvalTransform, TrainTransform
 
 log = logging.getLogger("smallvit.loaders")
+_ANNOUNCED: set[str] = set()   # the data.loader=auto choices already logged by this process
 
 
 def check_sidecar(meta: dict, path: str, data, split_role: str) -> None:
@@ -55,25 +60,43 @@ def preflight(data) -> dict:
     return metas["train"]
 
 
+def training_statistics(data) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel, fractions of 255, of the training split named by data.train (its sidecar)."""
+    if not data.train:
+        raise DatasetFileError("data.train: evaluation normalises with the training split's mean/std, and no "
+                               "training split is named")
+    meta = read_sidecar(data.train)
+    return list(meta["mean"]), list(meta["std"])
+
+
+def eval_global_batch(requested: int, num_images: int, world_size: int) -> int:
+    """data.eval_batch_size as the evaluation plan uses it: at most the split (a smaller request stays), rounded down
+    to a multiple of the world size (at least one image per rank), so that it splits over the ranks."""
+    batch = min(requested, max(world_size, num_images))
+    return max(world_size, batch // world_size * world_size)
+
+
 def build_loader(data, train: bool, seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, *, label_smoothing: float = 0.1,
-                 perceptibility=None, subset=None, path=None):
+                 perceptibility=None, subset=None, path=None, stats: tuple | None = None):
     """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict).
 
     label_smoothing (optim.label_smoothing) is folded into the soft labels when mixup/cutmix is on;
     perceptibility (tasks.perceptibility, read by attribute) makes training batches carry T(x) and its targets.
     subset: the sample indices to draw from (loaders.holdout), path: the file (default data.train / data.test);
     a validation loader is train=False over data.train with the held-out subset.
+    stats: (mean, std) to normalise an evaluation split with; default the training split's (training_statistics).
     """
     path = path or (data.train if train else data.test)
     if not path:
         raise DatasetFileError(f"data.{'train' if train else 'test'}: no dataset path given")
     meta = read_sidecar(path)
     check_sidecar(meta, path, data, "train" if train else "test")
-    global_batch = data.batch_size if train else data.eval_batch_size
-    if not train:
+    if train:
+        global_batch = data.batch_size
+    else:
         count = meta["num_images"] if subset is None else len(subset)
-        global_batch = min(global_batch, max(world_size, count // world_size * world_size))
+        global_batch = eval_global_batch(data.eval_batch_size, count, world_size)
     order = getattr(data, "order", "random")
     pages = None
     if train and order == "quasi_random":
@@ -82,13 +105,14 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
         pages = beton_pages(path)
     plan = EpochPlan(num_samples=meta["num_images"], global_batch=global_batch, seed=seed,
                      repeats=data.repeats if train else 1, shuffle=train, drop_last=data.drop_last if train else False,
-                     order=order, pages=pages, subset=subset)
+                     order=order, pages=pages, subset=subset, lockstep_ranks=world_size if train else 0)
     if train:
         transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last,
                                    num_classes=meta["num_classes"], label_smoothing=label_smoothing,
                                    perceptibility=perceptibility)
     else:
-        transform = EvalTransform(meta["mean"], meta["std"], dtype, channels_last)
+        mean, std = stats if stats is not None else training_statistics(data)
+        transform = EvalTransform(mean, std, dtype, channels_last)
     kind = data.loader
     if kind == "auto":
         from loaders.resident import fits_on_device
@@ -96,7 +120,10 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
         nbytes = meta["num_images"] * 3 * meta["image"]["height"] * meta["image"]["width"]
         ok, why = fits_on_device(nbytes, device, data.resident_max_fraction)
         kind = "resident" if ok else "ffcv"
-        log.info("loader auto -> %s (%s)", kind, why)
+        # said once per process and choice, on rank 0: the test loader and every k-NN probe's choose again
+        announce = rank == 0 and kind not in _ANNOUNCED
+        _ANNOUNCED.add(kind)
+        log.log(logging.INFO if announce else logging.DEBUG, "loader auto -> %s (%s)", kind, why)
     if kind == "resident":
         from loaders.resident import ResidentLoader
 

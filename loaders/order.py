@@ -7,6 +7,12 @@ its r-th contiguous slice. With drop_last the tail shorter than G is dropped, so
 N, repeats, G), not on the worker count or on how many ranks share G, so a resumed run (at a global step) or a
 run with another world size at the same global batch sees exactly the same samples.
 
+Without drop_last the tail is a shorter last step. Training ranks step in lockstep (every step all-reduces the
+gradients), so a rank without a batch for it would wait forever in another collective: with `lockstep_ranks` = n
+the tail is split evenly, tail // n samples per rank, its remainder (< n samples) dropped, and a tail shorter than
+n is no step at all. Evaluation (lockstep_ranks 0) has no per-step collective and sees every sample exactly once:
+ceil shares, so a rank may run one batch fewer.
+
 `order='quasi_random'` is FFCV's quasi-random order (ffcv.traversal_order.QuasiRandom), for a .beton read through
 FFCV's process cache (`data.os_cache=false`: pages loaded on demand) where a uniform permutation would make every
 batch touch pages all over the file. `pages` (N,) gives each sample's page in the file; each pass shuffles the
@@ -91,6 +97,7 @@ class EpochPlan:
     # (M,) the sample indices the plan draws from (training without a held-out validation set, or that set);
     # None = all N. Permutations are of these M, so every rank and loader sees the same subset
     subset: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    lockstep_ranks: int = 0                   # ranks that take every step together (training); 0 = evaluation
 
     @property
     def size(self) -> int:
@@ -124,25 +131,35 @@ class EpochPlan:
     def steps(self) -> int:
         """Global steps (batches) per epoch."""
         total = self.size * self.repeats
-        return total // self.global_batch if self.drop_last else -(-total // self.global_batch)
+        full, tail = divmod(total, self.global_batch)
+        if self.drop_last or tail == 0:
+            return full
+        return full + (tail >= self.lockstep_ranks)
 
     def rank_positions(self, rank: int = 0, world_size: int = 1, start_step: int = 0) -> np.ndarray:
         """Positions in the epoch's concatenated permutations that rank `rank` reads, batch after batch, from
         global step `start_step` to the epoch's end (position p belongs to repeat p // N).
 
         Each per-rank batch has global_batch // world_size samples (the last one may be shorter without
-        drop_last). Raises ValueError when the global batch does not split evenly over the ranks.
+        drop_last: equal on every rank in lockstep, see the module docstring). Raises ValueError when the global
+        batch does not split evenly over the ranks.
         """
         if self.global_batch % world_size:
             raise ValueError(f"global batch {self.global_batch} does not split over {world_size} ranks")
+        if self.lockstep_ranks and self.lockstep_ranks != world_size:
+            raise ValueError(f"a plan for {self.lockstep_ranks} ranks in lockstep read by {world_size}")
         total = self.steps() * self.global_batch if self.drop_last else self.size * self.repeats
         chunks = []
         for t in range(start_step, self.steps()):
             step_start = t * self.global_batch
             step_len = min(self.global_batch, total - step_start)
-            share = -(-step_len // world_size)
-            lo = step_start + min(rank * share, step_len)
-            hi = step_start + min((rank + 1) * share, step_len)
+            if self.lockstep_ranks:
+                share = step_len // world_size
+                lo, hi = step_start + rank * share, step_start + (rank + 1) * share
+            else:
+                share = -(-step_len // world_size)
+                lo = step_start + min(rank * share, step_len)
+                hi = step_start + min((rank + 1) * share, step_len)
             chunks.append(np.arange(lo, hi, dtype=np.int64))
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
