@@ -181,7 +181,8 @@ def _pretrain(cfg: Config) -> dict:
     student = build_network(cfg, cfg.model.drop_path)
     teacher = build_network(cfg, 0.0)
     teacher.load_state_dict(student.state_dict())
-    resolved = run_folder.resolved_config(cfg, meta, 0, student.model, "bf16" if bf16 else "fp32")
+    precision_used = "bf16" if compute_dtype == torch.bfloat16 else "fp32"
+    resolved = run_folder.resolved_config(cfg, meta, 0, student.model, precision_used)
     hub_config = run_folder.hub_config(resolved, meta, model_kwargs(resolved.model, drop_path=0.0))
     teacher.requires_grad_(False)
     teacher.to(rt.device)
