@@ -28,7 +28,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="", help="YAML recipe (configs/*.yaml); empty = built-in defaults")
+    p.add_argument("--config", default="", help="YAML recipe (configs/*.yaml, composed from the files its `bases:` "
+                   "names, e.g. configs/base/*.yaml); empty = built-in defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides, e.g. optim.lr=5e-4")
 
 

@@ -357,20 +357,49 @@ def config_from_dict(tree: dict | None, overrides: list[str] | tuple[str, ...] =
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or none: all defaults) and apply dotted overrides; raise ConfigError naming the key and
-    where it was set (the file, or the command-line override)."""
+def _merge(under: dict, over: dict) -> dict:
+    """`over` on top of `under`, section by section (nested mappings merge; any other value replaces)."""
+    out = dict(under)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value)
+        elif value is None and isinstance(out.get(key), dict):
+            continue                                      # an empty section adds nothing
+        out[key] = value
+    return out
+
+
+def _read_recipe(p: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """The YAML tree of recipe `p` over its `bases:` (paths relative to `p`, applied in order, each resolved the
+    same way), with `p`'s own keys on top. Each file's keys are checked on their own, so an unknown or mistyped key
+    names the file that wrote it; `bases` itself is not a schema key and does not survive the merge."""
+    if not p.is_file():
+        raise ConfigError(f"{chain[-1]}: base not found: {p}" if chain else f"config file not found: {p}")
+    if p.resolve() in {c.resolve() for c in chain}:
+        raise ConfigError(f"{chain[-1]}: bases form a cycle: {' -> '.join(map(str, (*chain, p)))}")
+    try:
+        own = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(own, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    bases = own.pop("bases", [])
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{p}: bases: must be a list of file paths (relative to this file), got {bases!r}")
+    try:
+        _build(Config, own, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from None
     tree: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    for base in bases:
+        tree = _merge(tree, _read_recipe(p.parent / base, (*chain, p)))
+    return _merge(tree, own)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or none: all defaults) over its bases and apply dotted overrides; raise ConfigError naming
+    the key and where it was set (the file, or the command-line override)."""
+    tree = _read_recipe(Path(path)) if path else {}
     return config_from_dict(tree, overrides, str(path) if path else "")
 
 
