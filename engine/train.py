@@ -11,7 +11,6 @@ captured as one CUDA graph or emulated eagerly (engine/graphed_step.py), and its
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
