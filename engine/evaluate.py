@@ -54,9 +54,9 @@ def evaluate(model: nn.Module, loader, rt: Runtime, dtype: torch.dtype, progress
         dist.all_reduce(sums)
     model.train()
     loss_sum, top1, top5, count = sums.tolist()   # one read of the device totals
-    expected = getattr(getattr(loader, "plan", None), "num_samples", None)
+    expected = getattr(getattr(loader, "plan", None), "size", None)   # the plan's subset (validation) or split
     if expected is not None and int(count) != expected:
-        raise RuntimeError(f"evaluation saw {int(count)} images over {rt.world_size} ranks, the test split has "
+        raise RuntimeError(f"evaluation saw {int(count)} images over {rt.world_size} ranks, the split has "
                            f"{expected}")
     n = max(count, 1.0)
     result = {"loss": loss_sum / n, "top1": 100.0 * top1 / n}

@@ -19,7 +19,6 @@ from loaders.sidecar import DatasetFileError, read_sidecar
 from loaders.transforms.pipeline import EvalTransform, TrainTransform
 
 log = logging.getLogger("smallvit.loaders")
-_ANNOUNCED: set[str] = set()   # the data.loader=auto choices already logged by this process
 
 
 def check_sidecar(meta: dict, path: str, data, split_role: str) -> None:
@@ -120,9 +119,8 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
         nbytes = meta["num_images"] * 3 * meta["image"]["height"] * meta["image"]["width"]
         ok, why = fits_on_device(nbytes, device, data.resident_max_fraction)
         kind = "resident" if ok else "ffcv"
-        # said once per process and choice, on rank 0: the test loader and every k-NN probe's choose again
-        announce = rank == 0 and kind not in _ANNOUNCED
-        _ANNOUNCED.add(kind)
+        # said once per run, on rank 0, for the training split: the test, validation and k-NN loaders choose again
+        announce = rank == 0 and train
         log.log(logging.INFO if announce else logging.DEBUG, "loader auto -> %s (%s)", kind, why)
     if kind == "resident":
         from loaders.resident import ResidentLoader
