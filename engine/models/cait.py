@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from timm.models.cait import Cait
 
-from engine.models import ModelOutput, register_model
+from engine.models.registry import ModelOutput, register_model
 from engine.models import options
 from engine.models.lsa import LSAClassAttn, LSATalkingHeadAttn, LSATalkingHeadAttnReference
 from engine.models.spt import SPTPatchEmbed

@@ -20,7 +20,7 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from torch import nn
 
-from engine.models import ModelOutput, register_model
+from engine.models.registry import ModelOutput, register_model
 from engine.models import options
 from engine.models.lsa import LSAWindowAttention
 from engine.models.spt import SPTMerging, SPTPatchEmbed

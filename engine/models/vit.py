@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from engine.models import ModelOutput, register_model
+from engine.models.registry import ModelOutput, register_model
 from engine.models import options
 from engine.models.lsa import LSAAttention
 from engine.models.spt import SPTPatchEmbed
