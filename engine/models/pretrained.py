@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError, ModelConfig
+from engine.models.pos_embed import interpolate_pos_embed
 from engine.models.reference_names import translate_key
 
 KEY = "model.finetune_from"
@@ -189,8 +190,6 @@ def classifier_keys(model: nn.Module) -> list[str]:
 def _resize_position_embedding(key: str, value: torch.Tensor, target: torch.Tensor, model: nn.Module
                                ) -> Optional[torch.Tensor]:
     """`value` resized to `target`'s grid (DINO interpolation), or None when the shapes differ in another way."""
-    from engine.ssl.backbone import interpolate_pos_embed
-
     if key.rsplit(".", 1)[-1] not in POSITION_EMBEDDINGS or value.dim() != target.dim() or value.shape[-1] != \
             target.shape[-1] or value.shape[0] != 1:
         return None
