@@ -7,10 +7,9 @@ run's EMA-teacher backbone, loaded by parameter name, with every key that did no
                          dino_checkpoint.pth           # a torch file holding {finetune_key: state dict, ...}
                          checkpoint.pth                # a reference repository's checkpoint (A, B, C, D)
 
-The reference (B's finetune.py) pairs checkpoint and model keys by position, which silently misloads when the two
-orders differ; here a tensor loads only into the parameter or buffer of the same name (after stripping DataParallel's
-`module.` and DINO's `backbone.` prefixes) and the same shape. One exception: an absolute position embedding of
-another grid (pretraining at another resolution) is resized with DINO's bicubic interpolation and reported as such.
+A tensor loads only into the parameter or buffer of the same name (after stripping DataParallel's `module.` and
+DINO's `backbone.` prefixes) and shape, never by position as B's finetune.py does (docs/design.md); an absolute
+position embedding of another grid is resized with DINO's bicubic interpolation and reported as such.
 
 A reference repository's checkpoint loads the same way after its keys are renamed by the documented maps of
 engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding, C's drloc head, A's translation and
