@@ -402,7 +402,7 @@ def _by_batch(rows: list[dict], prefix: str) -> dict[int, float]:
 
 
 def evaluate_targets(out: Path, results: dict[str, dict]) -> list[dict]:
-    """The issue's GPU targets from what the stages wrote: one row per comparison that the figures allow."""
+    """The GPU speed targets from what the stages wrote: one row per comparison that the figures allow."""
     rows = []
 
     def add(what: str, value: float | None, goal: str, met: bool | None) -> None:

@@ -15,7 +15,7 @@
                engine.graph_step=on` runs. A config the static step cannot run prints its fallback reason instead.
 - reference:   the reference repos' pipeline — torchvision DataLoader with PIL transforms, eager model,
                per-image translation loop (torchvision affine), eager drloc head — + AdamW.
-- with --ds-configs, DeepSpeed's eager step under each configuration the issue compares for small models:
+- with --ds-configs, DeepSpeed's eager step under each configuration worth comparing for small models:
                "ds zero{0,1} {autocast,ds-bf16} {torch-fused,ds-adam}": ZeRO stage, bf16 by torch.autocast over fp32
                weights or by DeepSpeed's bf16 optimizer (bf16 weights, fp32 master), our torch fused AdamW or the
                AdamW DeepSpeed builds from its config. Combinations this machine cannot run print why.

@@ -13,13 +13,9 @@
 Only the newest `run.keep_last` step folders are kept (0: all), pruned after `latest` moved on, never the one it
 names; `best/` is replaced by rename like a step folder, so both stay complete at every instant.
 
-A crash at any point leaves either the previous checkpoint named by `latest` or the new one, never a partial one
-at a final path; stale `.tmp-*` folders from a killed run are removed at the next start. A failed write (disk
-full) raises CheckpointError on every rank, naming the folder, after removing its temporary folder.
-
-The trainer state records the world size, the global batch and the ZeRO stage it was written with: a run may
-resume on another number of ranks (the sample order depends only on the global batch) when the optimizer state
-is whole in the checkpoint (ZeRO stage 0); ZeRO 1/2 shard it per rank, and check_world_size refuses the change.
+A crash leaves the previous checkpoint or the new one, never a partial one (docs/design.md); stale `.tmp-*`
+folders are removed at the next start; a failed write raises CheckpointError on every rank, naming the folder.
+A resume on another number of ranks needs ZeRO 0 (whole optimizer state): check_world_size refuses it otherwise.
 """
 from __future__ import annotations
 

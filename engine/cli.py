@@ -99,10 +99,16 @@ def cmd_inspect(args) -> int:
     return inspect_path(args)
 
 
-def cmd_bench(args) -> int:
-    from bench.__main__ import main as bench_main
+def run_bench(args: list[str]) -> int:
+    """`python -m bench ARGS` in a child process, its exit code returned. bench/ sits above engine/ (it times the
+    engine's loaders, heads and step), so the engine runs it as a program instead of importing it."""
+    import subprocess
 
-    return bench_main(args.bench_args)
+    return subprocess.call([sys.executable, "-m", "bench", *args])
+
+
+def cmd_bench(args) -> int:
+    return run_bench(args.bench_args)
 
 
 # ------------------------------------------------------------------------------------------------------ parser
@@ -194,9 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:   # everything after `bench` is the bench's own (its -h/--help included)
-        from bench.__main__ import main as bench_main
-
-        return int(bench_main(argv[1:]) or 0)
+        return run_bench(argv[1:])
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     # key=value overrides after an option (`eval RUN --no-progress data.test=...`): argparse leaves them over

@@ -47,6 +47,7 @@ from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
 from engine.ssl.step import DINOStep
+from engine.ssl.updates import clip_per_parameter, ema_update  # noqa: F401  (re-exported)
 from engine.train import StopFlag, mean_over_ranks
 from engine.weight_decay import param_groups
 from loaders.factory import build_loader, preflight
@@ -96,40 +97,6 @@ def check_config(cfg: Config, world_size: int) -> None:
                           "weights, clipping done by the loop)")
     if cfg.tasks.drloc.enabled or cfg.tasks.perceptibility.enabled:
         raise ConfigError("tasks.*: auxiliary tasks belong to the supervised (fine-tune) stage, not to pretraining")
-
-
-@torch.no_grad()
-def clip_per_parameter(parameters, max_norm: float) -> None:
-    """DINO's utils.clip_gradients: scale each parameter's gradient to norm <= max_norm (1e-6 in the divisor).
-    The scale is chosen on the device: DINO's `if coef < 1` reads every norm on the host, a sync per parameter per
-    step on CUDA. Where coef >= 1 the gradient is multiplied by exactly 1, which leaves its bits as they are.
-    Foreach kernels: a handful of launches for all the tensors instead of four per tensor; `max_norm / x` on a
-    tensor is torch's reciprocal(x) * max_norm, which the foreach ops repeat, so the result is DINO's bit for bit."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return
-    norms = torch._foreach_norm(grads, 2.0)
-    torch._foreach_add_(norms, 1e-6)
-    coefs = torch._foreach_reciprocal(norms)
-    torch._foreach_mul_(coefs, max_norm)   # max_norm / (norm + 1e-6), rounded as DINO's division is
-    torch._foreach_clamp_max_(coefs, 1.0)
-    torch._foreach_mul_(grads, coefs)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum) -> None:
-    """teacher <- momentum * teacher + (1 - momentum) * student, matched by name, in foreach kernels. momentum: a
-    float, or a 0-dim device tensor (the device-skip step sets it to 1 for a skipped step: teacher unchanged)."""
-    student_params = dict(student.named_parameters())
-    teacher_params, sources = [], []
-    for name, t in teacher.named_parameters():
-        teacher_params.append(t)
-        sources.append(student_params[name].detach().to(t.dtype))
-    torch._foreach_mul_(teacher_params, momentum)
-    if isinstance(momentum, torch.Tensor):
-        torch._foreach_add_(teacher_params, torch._foreach_mul(sources, 1.0 - momentum))
-    else:
-        torch._foreach_add_(teacher_params, sources, alpha=1.0 - momentum)
 
 
 @torch.no_grad()

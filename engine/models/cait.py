@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from timm.models.cait import Cait
 
-from engine.models import ModelOutput, register_model
+from engine.models.registry import ModelOutput, register_model
 from engine.models import options
+from engine.models.any_size import embed_patches
 from engine.models.lsa import LSAClassAttn, LSATalkingHeadAttn, LSATalkingHeadAttnReference
+from engine.models.pos_embed import PosEmbedResize, resize_pos_embed
 from engine.models.spt import SPTPatchEmbed
 
 
@@ -46,6 +48,20 @@ class SmallCaiT(Cait):
         tokens = self.forward_cls(x)
         logits = self.forward_head(self.norm(tokens))
         return ModelOutput(logits=logits, tokens=tokens, num_prefix=1, grid=self.grid_size)
+
+    def pooled_features(self, x: torch.Tensor, pos_embed_resize: PosEmbedResize = "interpolate") -> torch.Tensor:
+        """x (B, 3, H, W), H and W multiples of the patch -> (B, 192) the CLS token after the class-attention
+        blocks and the final norm (timm's pre-logits). At the built size exactly forward_head(forward_features(x),
+        pre_logits=True); at another size the same layers with the position embedding (no prefix rows) resized:
+        "interpolate" (DINO) or "truncate" (B's CaiT: the first g*g rows)."""
+        if tuple(x.shape[-2:]) == tuple(self.patch_embed.img_size):
+            return self.forward_head(self.forward_features(x), pre_logits=True)
+        p = self.patch_embed.patch_size[0]
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        tokens = embed_patches(self.patch_embed, x)
+        tokens = self.pos_drop(tokens + resize_pos_embed(self.pos_embed, grid, 0, pos_embed_resize))
+        tokens = self.norm(self.forward_cls(self.blocks(tokens)))
+        return self.forward_head(tokens, pre_logits=True)
 
 
 def _cait(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool,

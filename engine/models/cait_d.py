@@ -29,7 +29,7 @@ from timm.layers import Mlp
 from timm.models.cait import LayerScaleBlock
 from torch import nn
 
-from engine.models import register_model
+from engine.models.registry import register_model
 from engine.models import options
 from engine.models.cait import SmallCaiT
 from engine.models.lsa import REFERENCE_CAIT_DIAGONAL_FILL, diagonal

@@ -7,10 +7,9 @@ run's EMA-teacher backbone, loaded by parameter name, with every key that did no
                          dino_checkpoint.pth           # a torch file holding {finetune_key: state dict, ...}
                          checkpoint.pth                # a reference repository's checkpoint (A, B, C, D)
 
-The reference (B's finetune.py) pairs checkpoint and model keys by position, which silently misloads when the two
-orders differ; here a tensor loads only into the parameter or buffer of the same name (after stripping DataParallel's
-`module.` and DINO's `backbone.` prefixes) and the same shape. One exception: an absolute position embedding of
-another grid (pretraining at another resolution) is resized with DINO's bicubic interpolation and reported as such.
+A tensor loads only into the parameter or buffer of the same name (after stripping DataParallel's `module.` and
+DINO's `backbone.` prefixes) and shape, never by position as B's finetune.py does (docs/design.md); an absolute
+position embedding of another grid is resized with DINO's bicubic interpolation and reported as such.
 
 A reference repository's checkpoint loads the same way after its keys are renamed by the documented maps of
 engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding, C's drloc head, A's translation and
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from engine.config import ConfigError, ModelConfig
+from engine.models.pos_embed import interpolate_pos_embed
 from engine.models.reference_names import translate_key
 
 KEY = "model.finetune_from"
@@ -189,8 +189,6 @@ def classifier_keys(model: nn.Module) -> list[str]:
 def _resize_position_embedding(key: str, value: torch.Tensor, target: torch.Tensor, model: nn.Module
                                ) -> Optional[torch.Tensor]:
     """`value` resized to `target`'s grid (DINO interpolation), or None when the shapes differ in another way."""
-    from engine.ssl.backbone import interpolate_pos_embed
-
     if key.rsplit(".", 1)[-1] not in POSITION_EMBEDDINGS or value.dim() != target.dim() or value.shape[-1] != \
             target.shape[-1] or value.shape[0] != 1:
         return None

@@ -65,6 +65,7 @@ class SPTPatchEmbed(nn.Module):
         self.grid_size = (size // p, size // p)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.output_nhwc = output_fmt == "NHWC" or str(output_fmt).endswith("NHWC")
+        self.strict_img_size = strict_img_size   # as timm's: False tokenizes any size divisible by the patch
         self.spt = ShiftedPatchTokenization(in_chans, embed_dim, p)
 
     def feat_ratio(self, as_scalar=True):
@@ -72,11 +73,11 @@ class SPTPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        if (h, w) != self.img_size:
+        if self.strict_img_size and (h, w) != self.img_size:
             raise ValueError(f"SPT patch embedding built for {self.img_size} images, got {(h, w)}")
         tokens = self.spt(x)
         if self.output_nhwc:
-            return tokens.reshape(b, self.grid_size[0], self.grid_size[1], -1)
+            return tokens.reshape(b, h // self.patch_size[0], w // self.patch_size[1], -1)
         return tokens
 
 

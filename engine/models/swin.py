@@ -20,9 +20,11 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from torch import nn
 
-from engine.models import ModelOutput, register_model
+from engine.models.registry import ModelOutput, register_model
 from engine.models import options
+from engine.models.any_size import attributes, embed_patches
 from engine.models.lsa import LSAWindowAttention
+from engine.models.pos_embed import PosEmbedResize, resize_pos_embed
 from engine.models.spt import SPTMerging, SPTPatchEmbed
 
 
@@ -94,6 +96,25 @@ class SmallSwin(SwinTransformer):
         logits = self.forward_head(normed)
         return ModelOutput(logits=logits, tokens=last.flatten(1, 2), num_prefix=0, grid=self.grid_size,
                            features=normed.flatten(1, 2))
+
+    def pooled_features(self, x: torch.Tensor, pos_embed_resize: PosEmbedResize = "interpolate") -> torch.Tensor:
+        """x (B, 3, H, W), H and W multiples of the patch -> (B, C) the mean of the final-normed last-stage tokens
+        (timm's pre-logits; C the last stage's width). At the built size exactly forward_head(forward_features(x),
+        pre_logits=True). At another size, as B's Swin (EsViT code): the built window sizes and shifts, a map
+        smaller than a window zero-padded (pads unmasked in attention), the shift mask computed per input (timm's
+        `dynamic_mask`, switched on for this call); an absolute position embedding is resized like ViT's."""
+        if tuple(x.shape[-2:]) == tuple(self.patch_embed.img_size):
+            return self.forward_head(self.forward_features(x), pre_logits=True)
+        tokens = embed_patches(self.patch_embed, x)                        # (B, h, w, C0)
+        if self.absolute_pos_embed is not None:                            # (1, H0, W0, C0), no prefix rows
+            k, dim = self.absolute_pos_embed.shape[1], self.absolute_pos_embed.shape[-1]
+            resized = resize_pos_embed(self.absolute_pos_embed.reshape(1, k * k, dim), tokens.shape[1:3], 0,
+                                       pos_embed_resize)
+            tokens = tokens + resized.reshape(1, tokens.shape[1], tokens.shape[2], dim)
+        blocks = [block for stage in self.layers for block in stage.blocks]
+        with attributes([(block, "dynamic_mask", True) for block in blocks]):
+            tokens = self.layers(tokens)
+        return self.forward_head(self.norm(tokens), pre_logits=True)
 
 
 def _swin(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool, ape: bool,

@@ -13,7 +13,7 @@ def _entry(name: str):
     def entry(pretrained: bool = False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
               pretrained_model_args=None, **kwargs):
         from engine import checkpoint
-        from engine.models import create_model
+        from engine.models.registry import create_model
 
         model = create_model(name, **kwargs)
         cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", {}) or {}

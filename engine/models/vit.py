@@ -16,9 +16,11 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from engine.models import ModelOutput, register_model
+from engine.models.registry import ModelOutput, register_model
 from engine.models import options
+from engine.models.any_size import embed_patches
 from engine.models.lsa import LSAAttention
+from engine.models.pos_embed import PosEmbedResize, resize_pos_embed
 from engine.models.spt import SPTPatchEmbed
 
 INITS = {"timm": None, "b": options.init_b_vit, "d": options.init_d}
@@ -47,6 +49,26 @@ class SmallViT(VisionTransformer):
         tokens = self.blocks(x)
         logits = self.forward_head(self.norm(tokens))
         return ModelOutput(logits=logits, tokens=tokens, num_prefix=self.num_prefix_tokens, grid=self.grid_size)
+
+    def pooled_features(self, x: torch.Tensor, pos_embed_resize: PosEmbedResize = "interpolate") -> torch.Tensor:
+        """x (B, 3, H, W), H and W multiples of the patch -> (B, 192) the CLS token after the final norm (timm's
+        pre-logits). At the built size exactly forward_head(forward_features(x), pre_logits=True); at another
+        size the same layers with the position embedding resized (`pos_embed_resize`, CLS row untouched)."""
+        if tuple(x.shape[-2:]) == tuple(self.patch_embed.img_size):
+            return self.forward_head(self.forward_features(x), pre_logits=True)
+        if getattr(self, "reg_token", None) is not None or self.no_embed_class or self.dynamic_img_size:
+            raise ValueError("pooled_features: ViT with register tokens / no_embed_class / dynamic_img_size "
+                             "is not a registered smallvit model")
+        p = self.patch_embed.patch_size[0]
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        tokens = embed_patches(self.patch_embed, x)
+        if self.cls_token is not None:
+            tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        tokens = self.pos_drop(tokens + resize_pos_embed(self.pos_embed, grid, self.num_prefix_tokens,
+                                                         pos_embed_resize))
+        tokens = self.norm_pre(self.patch_drop(tokens))
+        tokens = self.norm(self.blocks(tokens))
+        return self.forward_head(tokens, pre_logits=True)
 
 
 def _vit(img_size: int, patch: int, num_classes: int, drop_path: float, spt: bool, lsa: bool, qkv_bias: bool,

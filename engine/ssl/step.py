@@ -20,6 +20,7 @@ import torch
 
 from engine.grad_check import discard_gradients
 from engine.precision import autocast
+from engine.ssl.updates import clip_per_parameter, ema_update
 from engine.supervised_step import global_grad_norm
 
 
@@ -30,8 +31,6 @@ class DINOStep:
 
     def __init__(self, engine, optimizer, teacher, dino_loss, last_layer, device: torch.device,
                  dtype: torch.dtype, *, fail_on_nonfinite: bool, clip_per_param: float, grad_check):
-        from engine.pretrain import clip_per_parameter, ema_update
-
         self._clip, self._ema = clip_per_parameter, ema_update
         self.engine, self.optimizer, self.teacher, self.dino_loss = engine, optimizer, teacher, dino_loss
         self.last_layer, self.device, self.dtype = list(last_layer), device, dtype
