@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from engine.loss_window import LossWindow, WindowReport  # noqa: F401 (WindowReport: read()'s type)
 from loaders.batch import Batch
 
 log = logging.getLogger("smallvit")
@@ -162,17 +163,6 @@ class StaticBatch:
             self.batch.params[key].copy_(src, non_blocking=True)
 
 
-@dataclass
-class WindowReport:
-    """What `read()` found since the previous read: `steps` finite steps whose mean loss and parts are `means`;
-    `nonfinite` skipped steps, the first at 0-based global step `first_step` with a non-finite `first_what`."""
-    steps: int
-    means: dict[str, float]
-    nonfinite: int
-    first_step: Optional[int] = None
-    first_what: str = ""
-
-
 # ------------------------------------------------------------------------------------------------- the runner
 class StaticStepRunner:
     """Runs one training step of a TrainModule and its torch AdamW on static buffers (module docstring).
@@ -217,13 +207,7 @@ class StaticStepRunner:
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
         self.task_weights = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.tasks]
         self.max_norm = torch.tensor(self.clip, dtype=torch.float32, device=device)
-        # accumulators, read and reset by read()
-        self.names: list[str] = []
-        self.sums: Optional[torch.Tensor] = None                      # (1 + parts,) float64 over finite steps
-        self.ok_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_bad_is_grad = torch.zeros((), dtype=torch.int64, device=device)
+        self.window = LossWindow(device)   # the losses since the last read()
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
         self.static: Optional[StaticBatch] = None
         self.backups: list[torch.Tensor] = []
@@ -330,17 +314,7 @@ class StaticStepRunner:
         return out
 
     def _accumulate(self, loss: torch.Tensor, parts: dict, bad: torch.Tensor, loss_finite: torch.Tensor) -> None:
-        values = torch.stack([loss.detach().double().reshape(()),
-                              *[v.detach().double().reshape(()) for v in parts.values()]])
-        if self.sums is None:   # the first step is always eager (warm-up or emulated): allocate outside capture
-            self.names = ["loss", *parts]
-            self.sums = torch.zeros_like(values)
-        self.sums.add_(values.masked_fill(bad, 0.0))
-        self.ok_steps.add_((~bad).long())
-        first = bad & (self.first_bad < 0)
-        self.first_bad.copy_(torch.where(first, self.step_number, self.first_bad))
-        self.first_bad_is_grad.copy_(torch.where(first, loss_finite.long(), self.first_bad_is_grad))
-        self.nonfinite.add_(bad.long())
+        self.window.add(loss, parts, bad, loss_finite, self.step_number)   # first call eager: allocates outside capture
         if self.fail_on_nonfinite:
             self.halted.logical_or_(bad)
 
@@ -366,17 +340,6 @@ class StaticStepRunner:
     def read(self) -> WindowReport:
         """One device-to-host copy: the mean loss and parts over the finite steps since the last read, and the
         non-finite steps among them; resets the window. Takes skipped steps back from DeepSpeed's counters."""
-        if self.sums is None:
-            return WindowReport(0, {}, 0)
-        packed = torch.cat([self.sums, torch.stack([self.ok_steps, self.nonfinite, self.first_bad,
-                                                    self.first_bad_is_grad]).double()]).tolist()
-        sums, (ok, bad, first, is_grad) = packed[:len(self.names)], packed[len(self.names):]
-        ok, bad = int(ok), int(bad)
-        self.sums.zero_()
-        self.ok_steps.zero_()
-        self.nonfinite.zero_()
-        self.first_bad.fill_(-1)
-        self._count_steps(-bad)
-        means = {n: s / ok for n, s in zip(self.names, sums)} if ok else {}
-        return WindowReport(ok, means, bad, int(first) if bad else None,
-                            ("gradient" if is_grad else "loss") if bad else "")
+        report = self.window.read()
+        self._count_steps(-report.nonfinite)
+        return report

@@ -1,16 +1,24 @@
-"""What the supervised loop (engine/train.py) and the pretraining loop (engine/pretrain.py) share around their
-steps: the run folder, the non-finite report, the progress bar, the closing summary, and the launcher entry."""
+"""The one loop skeleton that supervised training (engine/train.py) and DINO pretraining (engine/pretrain.py) run:
+resume, the epoch/step loop with its stop signals, timing, evaluation cadence and checkpoints (`run_epochs`), the
+run folder, the non-finite report, the progress bar, the closing summary, and the launcher entry. Each loop builds
+a `Run` (its step, log point, evaluation and checkpoint state) and neither imports the other."""
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from engine import checkpoint
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint, run_folder
 from engine.config import Config, ConfigError, load_config, to_dict
 from engine.run_log import RunLog, environment, plot_curves
 from engine.runtime import Runtime
@@ -20,6 +28,149 @@ log = logging.getLogger("smallvit")
 
 class NonFiniteLoss(RuntimeError):
     """A NaN/inf loss or gradient under engine.fail_on_nonfinite; the message names the global step."""
+
+
+def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average scalar tensors over all ranks (one all-reduce) -> floats, for the logs."""
+    names = list(values)
+    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist()))
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary and writes a final checkpoint."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+
+@dataclass
+class Position:
+    """Where the loop is: epochs done, steps done in the current epoch, optimizer steps done in all, steps skipped
+    as non-finite; saved in every checkpoint and read back on resume."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    nonfinite_skipped: int = 0
+
+
+@dataclass
+class Run:
+    """What a loop gives the skeleton. step(batch, pos) runs one optimizer step (counting a host-skipped step in
+    pos.nonfinite_skipped) and returns its LR; log_point(pos) writes a train record (every run.log_every steps and at
+    an epoch's end); evaluate(pos, progress) -> whether it is a new best, at the evaluation cadence; before_save(pos)
+    runs before every checkpoint; state(pos) the trainer state a checkpoint holds (`pos` included); shown_loss() the
+    progress bar's loss; save_options checkpoint.save's keywords (hub_config, keep_last, export)."""
+    cfg: Config
+    rt: Runtime
+    engine: Any
+    out_dir: Path
+    train_loader: Any
+    run_epochs: int
+    max_steps: int
+    stop: StopFlag
+    step: Callable[[Any, Position], float]
+    log_point: Callable[[Position], None]
+    evaluate: Callable[[Position, Any], bool]
+    before_save: Callable[[Position], None]
+    state: Callable[[Position], dict]
+    shown_loss: Callable[[], float]
+    save_options: dict = field(default_factory=dict)
+    mid_epoch_checkpoints: bool = True   # run.checkpoint_every_steps applies
+    close: Callable[[], None] = lambda: None   # after the loop, also on failure
+
+
+def resume(cfg: Config, rt: Runtime, engine, out_dir: Path, resolved: Config, steps_per_epoch: int,
+           check: Callable[[dict, Path], None]) -> tuple[Position, Optional[dict], Optional[dict]]:
+    """Collective: clear stale partial checkpoints, find run.resume's checkpoint and, when there is one, check it
+    (`check(saved state, folder)` refuses another kind of run; then the resolved config) and load it.
+    -> (position to continue at, the loaded trainer state or None, the saved state read before loading or None)."""
+    if rt.is_main:
+        checkpoint.remove_stale(out_dir)
+    folder = checkpoint.resolve(out_dir, cfg.run.resume, announce=rt.is_main)
+    if folder is None:
+        return Position(), None, None
+    saved = checkpoint.read_state(folder)
+    check(saved, folder)
+    run_folder.check_resume(saved, resolved, folder)   # before DeepSpeed reads a byte of it
+    state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
+    return Position(epoch, step_in_epoch, state["global_step"], state.get("nonfinite_skipped", 0)), state, saved
+
+
+def save(run: Run, pos: Position, best: bool = False) -> Path:
+    """A checkpoint of the run at `pos` (after run.before_save, which may stop the run first)."""
+    run.before_save(pos)
+    return checkpoint.save(run.engine, run.out_dir, pos.global_step, run.state(pos), run.rt.is_main,
+                           **run.save_options, best=best)
+
+
+def run_epochs(run: Run, pos: Position) -> tuple[int, float, int]:
+    """The epochs from `pos` until run_epochs or run.max_steps or a stop signal -> (exit code, seconds, images
+    seen over all ranks). Mid-epoch stops checkpoint where they are; an epoch's end evaluates at run.eval_every
+    and checkpoints at run.checkpoint_every, the last epoch and every new best."""
+    cfg, rt, loader = run.cfg, run.rt, run.train_loader
+    steps_per_epoch = len(loader)
+    progress = progress_bar(cfg, rt, run.max_steps, pos.global_step)
+    run.stop.install()
+    try:
+        t_start, seen, exit_code = time.perf_counter(), 0, 0
+        run.engine.train()
+        while pos.epoch < run.run_epochs and pos.global_step < run.max_steps and exit_code == 0:
+            for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
+                lr = run.step(batch, pos)
+                pos.global_step += 1
+                pos.step_in_epoch += 1
+                seen += len(batch) * rt.world_size
+                if pos.global_step % cfg.run.log_every == 0 or pos.step_in_epoch == steps_per_epoch:
+                    run.log_point(pos)   # one host sync per run.log_every steps
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(epoch=pos.epoch, loss=f"{run.shown_loss():.3f}", lr=f"{lr:.2e}",
+                                         img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
+                if run.stop.signal is not None or (pos.global_step >= run.max_steps
+                                                   and pos.step_in_epoch < steps_per_epoch):
+                    break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints
+                if (run.mid_epoch_checkpoints and cfg.run.checkpoint_every_steps
+                        and pos.global_step % cfg.run.checkpoint_every_steps == 0
+                        and pos.step_in_epoch < steps_per_epoch):
+                    save(run, pos)   # mid-epoch; an epoch's end has its own checkpoint rule below
+            else:   # the epoch ran to its end
+                improved = False
+                if (pos.epoch + 1) % cfg.run.eval_every == 0 or pos.epoch + 1 == run.run_epochs:
+                    improved = run.evaluate(pos, progress)
+                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+                if pos.epoch % cfg.run.checkpoint_every == 0 or pos.epoch == run.run_epochs or improved:
+                    save(run, pos, best=improved)   # a new best is always checkpointed, so best/ can hold it
+                continue
+            save(run, pos)   # left the epoch early (a signal, or run.max_steps): checkpoint where we are
+            if run.stop.signal is not None:
+                exit_code = EXIT_INTERRUPTED
+                if rt.is_main:
+                    log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
+                                run.stop.signal, pos.global_step)
+            break
+    finally:
+        run.stop.restore()
+        run.close()
+    if progress is not None:
+        progress.close()
+    return exit_code, time.perf_counter() - t_start, seen
 
 
 def resume_step(state: dict, global_batch: int, folder: Path) -> int:

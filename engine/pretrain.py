@@ -20,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script (`deepspeed engine/pretrain.py`): import the package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -31,11 +31,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine import checkpoint, run_folder
+from engine import run_folder
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck
-from engine.loop import (EXIT_INTERRUPTED, close_run, launcher_main, log_line, open_run_folder, progress_bar,
-                         report_nonfinite, restore_checkpoint, run_reporting_errors)
+from engine.loop import (Position, Run, StopFlag, close_run, launcher_main, log_line, mean_over_ranks,
+                         open_run_folder, report_nonfinite, resume, run_epochs, run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
@@ -47,8 +47,6 @@ from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
 from engine.ssl.step import DINOStep
-from engine.ssl.updates import clip_per_parameter, ema_update  # noqa: F401  (re-exported)
-from engine.train import StopFlag, mean_over_ranks
 from engine.weight_decay import param_groups
 from loaders.factory import build_loader, preflight
 
@@ -126,13 +124,31 @@ def pretrain(cfg: Config) -> dict:
         return _pretrain(cfg)
 
 
-def _pretrain(cfg: Config) -> dict:
+@dataclass
+class Setup:
+    """What build() makes for a pretraining run: the loader, student (in DeepSpeed) and teacher, loss and step."""
+    cfg: Config
+    rt: Runtime
+    compute_dtype: torch.dtype
+    train_loader: Any
+    meta: dict
+    resolved: Config
+    hub_config: dict
+    teacher: DINONetwork
+    dino_loss: DINOLoss
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    dino_step: DINOStep
+    steps_per_epoch: int
+
+
+def build(cfg: Config) -> Setup:
+    """Checks, runtime, loader, student, teacher, loss, DeepSpeed engine and step, in that order."""
     run_folder.check_out_dir(cfg)
     run_folder.check_fresh(cfg)
     preflight(cfg.data)
     rt = init_runtime(cfg.engine.device)
     check_config(cfg, rt.world_size)
-    out_dir = Path(cfg.run.out_dir)
     compute_dtype = precision_dtype(cfg.engine.precision, rt.device)
     channels_last = cfg.engine.channels_last and rt.device.type == "cuda"
 
@@ -173,131 +189,115 @@ def _pretrain(cfg: Config) -> dict:
                          fail_on_nonfinite=cfg.engine.fail_on_nonfinite, clip_per_param=clip, grad_check=grad_check)
     if dino_step.device_skip:
         grad_check.remove()   # the flag is decided on the device
+    return Setup(cfg, rt, compute_dtype, train_loader, meta, resolved, hub_config, teacher, dino_loss, engine,
+                 optimizer, dino_step, steps_per_epoch)
 
-    total_steps = cfg.optim.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
-    peak_lr = cfg.optim.lr * (cfg.data.batch_size / 256.0 if cfg.ssl.lr_per_256 else 1.0)
 
-    # ---- resume
-    epoch, step_in_epoch, global_step, best_knn, nonfinite_skipped = 0, 0, 0, 0.0, 0
-    if rt.is_main:
-        checkpoint.remove_stale(out_dir)
-    folder = checkpoint.resolve(out_dir, cfg.run.resume, announce=rt.is_main)
-    if folder is not None:
-        saved = checkpoint.read_state(folder)
+class PretrainLoop:
+    """The pretraining run's hooks for engine.loop.run_epochs: DINO's scheduled step, its log point (loss and
+    collapse statistics), the k-NN probe at evaluations, the checkpoint state (teacher and centre included)."""
+
+    def __init__(self, setup: Setup, best_knn: float, run_log):
+        self.s, self.cfg, self.rt, self.best_knn, self.run_log = setup, setup.cfg, setup.rt, best_knn, run_log
+        cfg = setup.cfg
+        self.total_steps = cfg.optim.epochs * setup.steps_per_epoch
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * setup.steps_per_epoch))
+        self.peak_lr = cfg.optim.lr * (cfg.data.batch_size / 256.0 if cfg.ssl.lr_per_256 else 1.0)
+        self.warned_epoch = -1
+        self.last_knn = None
+        self.loss_value = float("nan")   # the progress bar's: the last log point's
+        self.lr = self.wd = self.momentum = 0.0
+
+    def step(self, batch, pos: Position) -> float:
+        cfg, s, step = self.cfg, self.s, pos.global_step
+        self.lr = cosine_at(step, self.total_steps, self.peak_lr, cfg.optim.min_lr, self.warmup_steps)
+        self.wd = cosine_at(step, self.total_steps, cfg.optim.weight_decay, cfg.ssl.weight_decay_end)
+        self.momentum = cosine_at(step, self.total_steps, cfg.ssl.momentum_teacher, 1.0)
+        for i, group in enumerate(s.optimizer.param_groups):
+            group["lr"] = self.lr
+            if i == 0:
+                group["weight_decay"] = self.wd
+        torch.manual_seed(step_seed(cfg.run.seed, step, self.rt.rank))
+        applied = s.dino_step.step(batch.crops, pos.epoch, self.momentum, pos.epoch < cfg.ssl.freeze_last_layer,
+                                   step, lambda what, value: report_nonfinite(cfg, self.rt, self.run_log, what, value,
+                                                                              step, pos.epoch, pos.step_in_epoch))
+        pos.nonfinite_skipped += 0 if applied else 1
+        return self.lr
+
+    def read_nonfinite(self, pos: Position) -> None:
+        """Device skip: report the first non-finite step since the last read (which stops the run)."""
+        if self.s.dino_step.device_skip:
+            bad, first, what = self.s.dino_step.read_nonfinite()
+            if bad:
+                report_nonfinite(self.cfg, self.rt, self.run_log, what, "nan/inf", first, pos.epoch,
+                                 pos.step_in_epoch - (pos.global_step - first))
+
+    def log_point(self, pos: Position) -> None:
+        cfg, s, epoch = self.cfg, self.s, pos.epoch
+        self.read_nonfinite(pos)
+        probs = s.dino_loss.teacher_probs(s.dino_step.teacher_out, epoch)
+        logged = mean_over_ranks({"loss": s.dino_step.loss.detach(), **collapse_stats(probs, s.dino_loss.center)})
+        logged.update(lr=self.lr, weight_decay=self.wd, momentum=self.momentum,
+                      teacher_temp=s.dino_loss.teacher_temperature(epoch))
+        warning = collapse_warning(logged) if epoch >= cfg.ssl.warmup_teacher_temp_epochs else ""
+        if warning and self.warned_epoch != epoch and self.rt.is_main:
+            log.warning("epoch %d step %d: %s", epoch, pos.global_step, warning)
+            self.warned_epoch = epoch
+        self.loss_value = logged["loss"]
+        if self.run_log:
+            self.run_log.write({"kind": "train", "step": pos.global_step, "epoch": epoch, **logged,
+                                "collapse": bool(warning), "nonfinite_skipped": pos.nonfinite_skipped})
+
+    def evaluate(self, pos: Position, progress) -> bool:
+        """The k-NN probe on the main rank (the others wait); never a new best for best/."""
+        cfg, rt = self.cfg, self.rt
+        if rt.is_main:
+            self.last_knn = knn_probe(self.s.teacher.model, cfg, rt, self.s.compute_dtype)
+            self.best_knn = max(self.best_knn, self.last_knn)
+            if self.run_log:
+                self.run_log.write({"kind": "eval", "step": pos.global_step, "epoch": pos.epoch + 1,
+                                    "knn_top1": self.last_knn, "best_knn": self.best_knn})
+            log_line(progress, rt, f"epoch {pos.epoch + 1}/{cfg.optim.epochs}: k-NN top-1 "
+                                   f"{self.last_knn:.2f}% (best {self.best_knn:.2f}%)")
+        if dist.is_initialized():
+            dist.barrier()
+        return False
+
+    def state(self, pos: Position) -> dict:
+        cfg, s = self.cfg, self.s
+        return {"stage": STAGE, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
+                "best_knn": self.best_knn, "model": cfg.model.name, "world_size": self.rt.world_size,
+                "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
+                "nonfinite_skipped": pos.nonfinite_skipped,
+                "teacher": {k: v.detach().cpu() for k, v in s.teacher.state_dict().items()},
+                "center": s.dino_loss.center.detach().cpu(), **run_folder.state_entries(s.resolved)}
+
+
+def _pretrain(cfg: Config) -> dict:
+    s = build(cfg)
+    rt, out_dir = s.rt, Path(cfg.run.out_dir)
+
+    def check(saved: dict, folder: Path) -> None:
         if saved.get("stage") != STAGE or saved["model"] != cfg.model.name:
             raise ConfigError(f"run.resume: {folder} is a {saved.get('stage', 'supervised')} checkpoint of "
                               f"{saved['model']}, not a pretraining checkpoint of {cfg.model.name}")
-        run_folder.check_resume(saved, resolved, folder)   # before DeepSpeed reads a byte of it
-        state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
-        teacher.load_state_dict(state["teacher"])
-        dino_loss.center.copy_(state["center"])
-        global_step, best_knn = state["global_step"], state["best_knn"]
-        nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
-    run_log = open_run_folder(resolved, rt, out_dir)
-
-    def read_nonfinite() -> None:
-        """Device skip: report the first non-finite step since the last read (which stops the run)."""
-        if dino_step.device_skip:
-            bad, first, what = dino_step.read_nonfinite()
-            if bad:
-                report_nonfinite(cfg, rt, run_log, what, "nan/inf", first, epoch,
-                                 step_in_epoch - (global_step - first))
-
-    def save_state() -> Path:
-        read_nonfinite()   # nothing non-finite is ever saved
-        return checkpoint.save(engine, out_dir, global_step, {
-            "stage": STAGE, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "best_knn": best_knn, "model": cfg.model.name, "world_size": rt.world_size,
-            "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
-            "nonfinite_skipped": nonfinite_skipped,
-            "teacher": {k: v.detach().cpu() for k, v in teacher.state_dict().items()},
-            "center": dino_loss.center.detach().cpu(), **run_folder.state_entries(resolved)}, rt.is_main,
-            export=teacher.model, hub_config=hub_config, keep_last=cfg.run.keep_last)
-
-    def nonfinite(what: str, value) -> None:
-        report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
-
-    stop = StopFlag()
-    max_steps = cfg.run.max_steps or cfg.optim.epochs * steps_per_epoch
-    progress = progress_bar(cfg, rt, max_steps, global_step)
-    warned_epoch = -1
-    last_knn = None
-    loss_value = float("nan")   # the progress bar's: the last log point's
-    stop.install()
-    try:
-        t_start, seen, exit_code = time.perf_counter(), 0, 0
-        engine.train()
-        while epoch < cfg.optim.epochs and global_step < max_steps and exit_code == 0:
-            for batch in train_loader.epoch(epoch, step_in_epoch):
-                lr = cosine_at(global_step, total_steps, peak_lr, cfg.optim.min_lr, warmup_steps)
-                wd = cosine_at(global_step, total_steps, cfg.optim.weight_decay, cfg.ssl.weight_decay_end)
-                momentum = cosine_at(global_step, total_steps, cfg.ssl.momentum_teacher, 1.0)
-                for i, group in enumerate(optimizer.param_groups):
-                    group["lr"] = lr
-                    if i == 0:
-                        group["weight_decay"] = wd
-                torch.manual_seed(step_seed(cfg.run.seed, global_step, rt.rank))
-                applied = dino_step.step(batch.crops, epoch, momentum, epoch < cfg.ssl.freeze_last_layer,
-                                         global_step, nonfinite)
-                nonfinite_skipped += 0 if applied else 1
-                global_step += 1
-                step_in_epoch += 1
-                seen += len(batch) * rt.world_size
-                if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    read_nonfinite()
-                    teacher_out, loss = dino_step.teacher_out, dino_step.loss
-                    probs = dino_loss.teacher_probs(teacher_out, epoch)
-                    logged = mean_over_ranks({"loss": loss.detach(), **collapse_stats(probs, dino_loss.center)})
-                    logged.update(lr=lr, weight_decay=wd, momentum=momentum,
-                                  teacher_temp=dino_loss.teacher_temperature(epoch))
-                    warning = collapse_warning(logged) if epoch >= cfg.ssl.warmup_teacher_temp_epochs else ""
-                    if warning and warned_epoch != epoch and rt.is_main:
-                        log.warning("epoch %d step %d: %s", epoch, global_step, warning)
-                        warned_epoch = epoch
-                    loss_value = logged["loss"]
-                    if run_log:
-                        run_log.write({"kind": "train", "step": global_step, "epoch": epoch, **logged,
-                                       "collapse": bool(warning), "nonfinite_skipped": nonfinite_skipped})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}", lr=f"{lr:.2e}",
-                                         img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
-                if stop.signal is not None or (global_step >= max_steps and step_in_epoch < steps_per_epoch):
-                    break
-            else:
-                if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-                    if rt.is_main:
-                        last_knn = knn_probe(teacher.model, cfg, rt, compute_dtype)
-                        best_knn = max(best_knn, last_knn)
-                        if run_log:
-                            run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1,
-                                           "knn_top1": last_knn, "best_knn": best_knn})
-                        log_line(progress, rt, f"epoch {epoch + 1}/{cfg.optim.epochs}: k-NN top-1 "
-                                               f"{last_knn:.2f}% (best {best_knn:.2f}%)")
-                    if dist.is_initialized():
-                        dist.barrier()
-                epoch, step_in_epoch = epoch + 1, 0
-                if epoch % cfg.run.checkpoint_every == 0 or epoch == cfg.optim.epochs:
-                    save_state()
-                continue
-            save_state()   # left the epoch early (a signal or run.max_steps)
-            if stop.signal is not None:
-                exit_code = EXIT_INTERRUPTED
-                if rt.is_main:
-                    log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
-                                stop.signal, global_step)
-            break
-    finally:
-        stop.restore()
-    if progress is not None:
-        progress.close()
-    elapsed = time.perf_counter() - t_start
-    summary = {"stage": STAGE, "epochs_done": epoch, "global_step": global_step, "knn_top1": last_knn,
-               "best_knn": best_knn, "seconds": round(elapsed, 2),
+    pos, state, _ = resume(cfg, rt, s.engine, out_dir, s.resolved, s.steps_per_epoch, check)
+    if state is not None:
+        s.teacher.load_state_dict(state["teacher"])
+        s.dino_loss.center.copy_(state["center"])
+    run_log = open_run_folder(s.resolved, rt, out_dir)
+    hooks = PretrainLoop(s, state["best_knn"] if state else 0.0, run_log)
+    run = Run(cfg, rt, s.engine, out_dir, s.train_loader, cfg.optim.epochs,
+              cfg.run.max_steps or cfg.optim.epochs * s.steps_per_epoch, StopFlag(), hooks.step, hooks.log_point,
+              hooks.evaluate, hooks.read_nonfinite, hooks.state, lambda: hooks.loss_value,
+              {"export": s.teacher.model, "hub_config": s.hub_config, "keep_last": cfg.run.keep_last},
+              mid_epoch_checkpoints=False)
+    exit_code, elapsed, seen = run_epochs(run, pos)
+    summary = {"stage": STAGE, "epochs_done": pos.epoch, "global_step": pos.global_step, "knn_top1": hooks.last_knn,
+               "best_knn": hooks.best_knn, "seconds": round(elapsed, 2),
                "images_per_second": round(seen / max(elapsed, 1e-9), 1), "exit_code": exit_code,
-               "nonfinite_skipped": nonfinite_skipped}
+               "nonfinite_skipped": pos.nonfinite_skipped}
     close_run(rt, out_dir, run_log, summary)
     return summary
 

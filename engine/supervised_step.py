@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from engine.grad_check import GradientCheck, discard_gradients
-from engine.graphed_step import CLIP_EPS, WindowReport
+from engine.graphed_step import CLIP_EPS
+from engine.loss_window import LossWindow, WindowReport
 from engine.precision import autocast
 from loaders.batch import Batch
 
@@ -87,13 +88,7 @@ class SupervisedStep:
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.max_norm = torch.tensor(self.clip, dtype=torch.float32, device=device)
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
-        # the window since the last read()
-        self.names: list[str] = []
-        self.sums: Optional[torch.Tensor] = None
-        self.ok_steps = torch.zeros((), dtype=torch.int64, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_bad_is_grad = torch.zeros((), dtype=torch.int64, device=device)
+        self.window = LossWindow(device)   # the losses since the last read()
 
     # ------------------------------------------------------------------------------------------------ a step
     def step(self, batch: Batch, lr: float, seed: int, epoch: float, global_step: int,
@@ -150,7 +145,7 @@ class SupervisedStep:
             self.engine.step()
         finally:
             del self.optimizer.found_inf
-        self._accumulate(total, parts, bad, loss_finite, global_step)
+        self.window.add(total, parts, bad, loss_finite, torch.full_like(self.window.first_bad, global_step))
         return True
 
     def _host_check_step(self, total: torch.Tensor, parts: dict, bad_loss, report) -> bool:
@@ -166,7 +161,7 @@ class SupervisedStep:
             if not self.engine.was_step_applied():   # DeepSpeed's own overflow check skipped it
                 report("gradient (found by DeepSpeed)", "overflow")
                 return False
-            self._accumulate(total, parts, None, None, None)
+            self.window.add(total, parts)   # host check: only applied (finite) steps reach here
             return True
         if self.grad_check is not None:
             self.grad_check.finite()   # reset its record: this step is dropped
@@ -174,43 +169,12 @@ class SupervisedStep:
         discard_gradients(self.engine)   # parameters and optimizer state unchanged
         return False
 
-    def _accumulate(self, total, parts: dict, bad, loss_finite, global_step) -> None:
-        values = torch.stack([total.double().reshape(()), *[v.detach().double().reshape(()) for v in parts.values()]])
-        if self.sums is None:
-            self.names = ["loss", *parts]
-            self.sums = torch.zeros_like(values)
-        if bad is None:    # host check: only applied (finite) steps reach here
-            self.sums.add_(values)
-            self.ok_steps.add_(1)
-            return
-        self.sums.add_(values.masked_fill(bad, 0.0))
-        self.ok_steps.add_((~bad).long())
-        first = bad & (self.first_bad < 0)
-        self.first_bad.copy_(torch.where(first, torch.full_like(self.first_bad, global_step), self.first_bad))
-        self.first_bad_is_grad.copy_(torch.where(first, loss_finite.long(), self.first_bad_is_grad))
-        self.nonfinite.add_(bad.long())
-
     # -------------------------------------------------------------------------------------------- the host side
     def read(self) -> WindowReport:
         """Collective when several ranks run: the window's mean loss and parts over this rank's applied steps,
         averaged over ranks, and (device skip) its non-finite steps; resets the window. One device-to-host copy.
         Host-check skips were reported as they happened and are not repeated here."""
-        if self.sums is None:
-            return WindowReport(0, {}, 0)
-        counts = torch.stack([self.ok_steps, self.nonfinite, self.first_bad, self.first_bad_is_grad])
-        means = (self.sums / self.ok_steps.clamp(min=1)).float()   # one step: exactly that step's fp32 values
-        if dist.is_initialized() and self.world_size > 1:
-            dist.all_reduce(means)
-            means /= self.world_size
-        packed = torch.cat([means.double(), counts.double()]).tolist()
-        values, (ok, bad, first, is_grad) = packed[:len(self.names)], packed[len(self.names):]
-        ok, bad = int(ok), int(bad)
-        self.sums.zero_()
-        self.ok_steps.zero_()
-        self.nonfinite.zero_()
-        self.first_bad.fill_(-1)
-        return WindowReport(ok, dict(zip(self.names, values)) if ok else {}, bad, int(first) if bad else None,
-                            ("gradient" if is_grad else "loss") if bad else "")
+        return self.window.read(self.world_size)
 
     def remove(self) -> None:
         if self.grad_check is not None:

@@ -1,4 +1,4 @@
-"""Supervised training under DeepSpeed: the loop, written out top to bottom.
+"""Supervised training under DeepSpeed: build(), the step and the hooks that engine/loop.py's skeleton runs.
 
     deepspeed engine/train.py --config configs/cifar10_vit_drloc.yaml [key=value ...]   # any number of ranks
     smallvit train --config ... [key=value ...]                                          # one process, no launcher
@@ -12,32 +12,31 @@ captured as one CUDA graph or emulated eagerly (engine/graphed_step.py), and its
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 if __package__ in (None, ""):  # run as a script (`deepspeed engine/train.py`): import the package, not engine/*.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from engine import checkpoint, run_folder
+from engine import run_folder
 from engine.config import Config, ConfigError
 from engine.deepspeed_json import resolve_into_config
 from engine.evaluate import evaluate
 from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
-from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, close_run, launcher_main,  # noqa: F401
-                         log_line, open_run_folder, progress_bar, report_nonfinite, restore_checkpoint,
-                         run_reporting_errors)
+from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, Position, Run,  # noqa: F401
+                         StopFlag, close_run, launcher_main, log_line, open_run_folder, report_nonfinite, resume,
+                         run_epochs, run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
 from engine.models.pretrained import load_finetune_weights
 from engine.precision import compute_dtype
-from engine.runtime import deepspeed_config, deterministic_algorithms, init_runtime, step_seed
+from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.schedule import lr_at
 from engine.supervised_step import SupervisedStep
 from engine.tasks import build_tasks, class_ce, effective_epochs
@@ -81,44 +80,38 @@ class TrainModule(nn.Module):
         return total, parts
 
 
-def mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Average scalar tensors over all ranks (one all-reduce) -> floats, for the logs."""
-    names = list(values)
-    stacked = torch.stack([values[n].detach().float().reshape(()) for n in names])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(names, stacked.tolist()))
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it at each step boundary and writes a final checkpoint."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal = signum
-
-
 def train(cfg: Config) -> dict:
     """Run the configured training; return the final summary (also written to out_dir/summary.json)."""
     with deterministic_algorithms(cfg.engine.deterministic):
         return _train(cfg)
 
 
-def _train(cfg: Config) -> dict:
-    cfg = resolve_into_config(cfg)   # a user's DeepSpeed JSON: its batch, accumulation, clip, stage, bf16 into cfg
+@dataclass
+class Setup:
+    """What build() makes for a supervised run: the loaders, the model in its DeepSpeed engine and its step."""
+    cfg: Config
+    rt: Runtime
+    dtype: torch.dtype
+    train_loader: Any
+    val_loader: Any
+    test_loader: Any
+    holdout: Any
+    meta: dict
+    num_classes: int
+    resolved: Config
+    hub_config: dict
+    module: TrainModule
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    stepper: SupervisedStep
+    forward_model: nn.Module
+    graph_plan: Any
+    steps_per_epoch: int
+
+
+def build(cfg: Config) -> Setup:
+    """Checks, runtime, loaders, model, tasks, DeepSpeed engine and default step, in that order (bad input fails
+    before any process group, folder or file is made)."""
     run_folder.check_out_dir(cfg)   # a file at run.out_dir, a run already there: refused before any work
     run_folder.check_fresh(cfg)
     preflight(cfg.data)          # bad files fail here, before any process group, folder or file is made
@@ -187,152 +180,132 @@ def _train(cfg: Config) -> dict:
     if steps_per_epoch == 0:
         raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is larger than the {meta['num_images']} "
                           f"training images (drop_last leaves no step)")
-    total_steps = cfg.optim.epochs * steps_per_epoch     # the LR horizon; the loop may stop earlier (stop_at_101)
-    run_epochs = effective_epochs(cfg)
-    warmup_steps = int(round(cfg.optim.warmup_epochs * steps_per_epoch))
+    return Setup(cfg, rt, dtype, train_loader, val_loader, test_loader, holdout, meta, num_classes, resolved,
+                 hub_config, module, engine, optimizer, stepper, forward_model, graph_plan, steps_per_epoch)
 
-    # ---- resume
-    epoch, step_in_epoch, global_step, best_top1, nonfinite_skipped = 0, 0, 0, 0.0, 0
-    if rt.is_main:
-        checkpoint.remove_stale(out_dir)
-    folder = checkpoint.resolve(out_dir, cfg.run.resume, announce=rt.is_main)
-    selection = run_folder.Selection(holdout is not None)
-    if folder is not None:
-        saved = checkpoint.read_state(folder)
-        if saved["model"] != cfg.model.name or saved["num_classes"] != num_classes:
-            raise ConfigError(f"run.resume: {folder} holds {saved['model']} with {saved['num_classes']} classes, "
-                              f"the config asks for {cfg.model.name} with {num_classes}")
-        run_folder.check_resume(saved, resolved, folder)   # before DeepSpeed reads a byte of it
-        selection = run_folder.Selection(holdout is not None, saved.get("selection"))
-        state, epoch, step_in_epoch = restore_checkpoint(engine, folder, saved, cfg, rt, steps_per_epoch)
-        global_step, best_top1 = state["global_step"], state["best_top1"]
-        nonfinite_skipped = state.get("nonfinite_skipped", 0)
 
-    runner = None
-    if graph_plan.active:
-        reason = engine_fallback_reason(engine, optimizer)
-        if reason:
-            log_fallback(reason, rt.is_main)
-        else:   # after the resume: the runner installs its device LR in the optimizer that load_checkpoint filled
-            runner = StaticStepRunner(engine.module, optimizer, graph_plan.mode, rt.device,
-                                      torch.bfloat16 if bf16 else None, cfg.engine.fail_on_nonfinite,
-                                      clip=cfg.optim.clip_grad, engine=engine)
-            stepper.remove()   # the runner checks the gradients on the device itself
-            if rt.is_main:
-                log.info("graphed step: %s (engine.graph_step=%s)", graph_plan.mode, cfg.engine.graph_step)
+class SupervisedLoop:
+    """The supervised run's hooks for engine.loop.run_epochs: its step (static runner or default step), its window
+    read at log points and before checkpoints, its test (and validation) evaluation, its checkpoint state."""
 
-    run_log = open_run_folder(resolved, rt, out_dir)
-    shown_loss = float("nan")   # the progress bar's loss: the last step's, or the last read window's mean
+    def __init__(self, setup: Setup, runner: Optional[StaticStepRunner], selection: run_folder.Selection,
+                 best_top1: float, run_log, global_step: int):
+        self.s, self.runner, self.selection, self.best_top1, self.run_log = setup, runner, selection, best_top1, run_log
+        cfg = self.cfg = setup.cfg
+        self.rt = setup.rt
+        self.total_steps = cfg.optim.epochs * setup.steps_per_epoch   # the LR horizon; the loop may stop earlier
+        self.warmup_steps = int(round(cfg.optim.warmup_epochs * setup.steps_per_epoch))
+        self.lr = lr_at(global_step, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+        self.last_eval: dict = {}
+        self.shown = float("nan")   # the progress bar's loss: the last step's, or the last read window's mean
 
-    def read_window(lr: float) -> None:
-        """The step's device accumulators (the static runner's or the default step's) -> a train record of the
-        window's mean loss and parts, and the non-finite report of its device-skipped steps (which stops the run
-        under engine.fail_on_nonfinite)."""
-        nonlocal nonfinite_skipped, shown_loss
-        report = (runner or stepper).read()
+    def step(self, batch: Batch, pos: Position) -> float:
+        cfg, s = self.cfg, self.s
+        self.lr = lr = lr_at(pos.global_step, self.total_steps, self.warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
+        seed = step_seed(cfg.run.seed, pos.global_step, self.rt.rank)
+        epoch = pos.epoch + pos.step_in_epoch / s.steps_per_epoch
+        if self.runner is not None:   # static buffers, LR and non-finite check on the device: no host sync
+            self.runner.step(batch, lr, seed, epoch, pos.global_step)
+        else:   # losses and the finite flag into device accumulators (engine/supervised_step.py)
+            torch.manual_seed(seed)
+            if not s.stepper.step(batch, lr, seed, epoch, pos.global_step,
+                                  lambda what, value: self.nonfinite(pos, what, value)):
+                pos.nonfinite_skipped += 1   # skipped: parameters and optimizer state unchanged
+        return lr
+
+    def nonfinite(self, pos: Position, what: str, value) -> None:
+        report_nonfinite(self.cfg, self.rt, self.run_log, what, value, pos.global_step, pos.epoch, pos.step_in_epoch)
+
+    def read_window(self, pos: Position) -> None:
+        """The step's device accumulators -> a train record of the window's mean loss and parts, and the non-finite
+        report of its device-skipped steps (which stops the run under engine.fail_on_nonfinite)."""
+        report = (self.runner or self.s.stepper).read()
         if report.nonfinite:
-            behind = global_step - report.first_step   # steps since the first non-finite one, this one included
+            behind = pos.global_step - report.first_step   # steps since the first non-finite one, this one included
             value = "nan/inf" if report.nonfinite == 1 else f"nan/inf ({report.nonfinite} steps from here)"
-            report_nonfinite(cfg, rt, run_log, report.first_what, value, report.first_step, epoch,
-                             step_in_epoch - behind)
-            nonfinite_skipped += report.nonfinite
+            report_nonfinite(self.cfg, self.rt, self.run_log, report.first_what, value, report.first_step, pos.epoch,
+                             pos.step_in_epoch - behind)
+            pos.nonfinite_skipped += report.nonfinite
         if report.steps:
-            shown_loss = report.means["loss"]
-            if run_log:
-                run_log.write({"kind": "train", "step": global_step, "epoch": epoch, "lr": lr, **report.means,
-                               **current_weights(module.tasks, epoch + max(step_in_epoch - 1, 0) / steps_per_epoch),
-                               "nonfinite_skipped": nonfinite_skipped,
-                               **({"steps_averaged": report.steps} if runner is not None else {})})
+            self.shown = report.means["loss"]
+            if self.run_log:
+                at = pos.epoch + max(pos.step_in_epoch - 1, 0) / self.s.steps_per_epoch
+                self.run_log.write({"kind": "train", "step": pos.global_step, "epoch": pos.epoch, "lr": self.lr,
+                                    **report.means, **current_weights(self.s.module.tasks, at),
+                                    "nonfinite_skipped": pos.nonfinite_skipped,
+                                    **({"steps_averaged": report.steps} if self.runner is not None else {})})
 
-    def save_state(best: bool = False) -> Path:
-        read_window(lr)   # a non-finite step not yet reported stops the run before anything is saved
-        return checkpoint.save(engine, out_dir, global_step, {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, "best_top1": best_top1,
-            "model": cfg.model.name, "num_classes": num_classes, "world_size": rt.world_size,
-            "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
-            "nonfinite_skipped": nonfinite_skipped, "selection": selection.state(),
-            "dataset": meta["dataset"], "mean": list(meta["mean"]), "std": list(meta["std"]),
-            **run_folder.state_entries(resolved)}, rt.is_main, hub_config=hub_config, keep_last=cfg.run.keep_last,
-            best=best)
+    def evaluate(self, pos: Position, progress) -> bool:
+        s, rt = self.s, self.rt
+        self.last_eval = last = evaluate(s.forward_model, s.test_loader, rt, s.dtype)
+        self.best_top1 = max(self.best_top1, last["top1"])
+        val = s.val_loader and evaluate(s.forward_model, s.val_loader, rt, s.dtype)
+        improved = self.selection.update(pos.global_step, val["top1"] if val else last["top1"], last["top1"])
+        if self.run_log:
+            self.run_log.write({"kind": "eval", "step": pos.global_step, "epoch": pos.epoch + 1, **last,
+                                "best_top1": self.best_top1,
+                                **({"val_top1": val["top1"], "val_loss": val["loss"]} if val else {})})
+        val_text = f", validation top-1 {val['top1']:.2f}%" if val else ""
+        log_line(progress, rt, f"epoch {pos.epoch + 1}/{effective_epochs(self.cfg)}: test top-1 {last['top1']:.2f}% "
+                               f"(best {self.best_top1:.2f}%){val_text}, loss {last['loss']:.4f}")
+        return improved
 
-    def nonfinite(what: str, value) -> None:
-        report_nonfinite(cfg, rt, run_log, what, value, global_step, epoch, step_in_epoch)
+    def state(self, pos: Position) -> dict:
+        cfg, s = self.cfg, self.s
+        return {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
+                "best_top1": self.best_top1, "model": cfg.model.name, "num_classes": s.num_classes,
+                "world_size": self.rt.world_size, "global_batch": cfg.data.batch_size,
+                "zero_stage": cfg.engine.zero_stage, "nonfinite_skipped": pos.nonfinite_skipped,
+                "selection": self.selection.state(), "dataset": s.meta["dataset"], "mean": list(s.meta["mean"]),
+                "std": list(s.meta["std"]), **run_folder.state_entries(s.resolved)}
 
-    stop = StopFlag()
-    max_steps = cfg.run.max_steps or run_epochs * steps_per_epoch
+
+def static_runner(s: Setup) -> Optional[StaticStepRunner]:
+    """The graphed step's runner when engine.graph_step chose it and the engine allows it, else None (logged)."""
+    cfg, rt = s.cfg, s.rt
+    if not s.graph_plan.active:
+        return None
+    reason = engine_fallback_reason(s.engine, s.optimizer)
+    if reason:
+        log_fallback(reason, rt.is_main)
+        return None
+    # after the resume: the runner installs its device LR in the optimizer that load_checkpoint filled
+    runner = StaticStepRunner(s.engine.module, s.optimizer, s.graph_plan.mode, rt.device,
+                              torch.bfloat16 if s.dtype == torch.bfloat16 else None, cfg.engine.fail_on_nonfinite,
+                              clip=cfg.optim.clip_grad, engine=s.engine)
+    s.stepper.remove()   # the runner checks the gradients on the device itself
     if rt.is_main:
-        for line in ramp_warnings(module.tasks, steps_per_epoch, min(max_steps, run_epochs * steps_per_epoch)):
+        log.info("graphed step: %s (engine.graph_step=%s)", s.graph_plan.mode, cfg.engine.graph_step)
+    return runner
+
+
+def _train(cfg: Config) -> dict:
+    cfg = resolve_into_config(cfg)   # a user's DeepSpeed JSON: its batch, accumulation, clip, stage, bf16 into cfg
+    s = build(cfg)
+    rt, out_dir, epochs = s.rt, Path(cfg.run.out_dir), effective_epochs(cfg)
+
+    def check(saved: dict, folder: Path) -> None:
+        if saved["model"] != cfg.model.name or saved["num_classes"] != s.num_classes:
+            raise ConfigError(f"run.resume: {folder} holds {saved['model']} with {saved['num_classes']} classes, "
+                              f"the config asks for {cfg.model.name} with {s.num_classes}")
+
+    pos, state, saved = resume(cfg, rt, s.engine, out_dir, s.resolved, s.steps_per_epoch, check)
+    selection = run_folder.Selection(s.holdout is not None, saved and saved.get("selection"))
+    runner = static_runner(s)
+    run_log = open_run_folder(s.resolved, rt, out_dir)
+    hooks = SupervisedLoop(s, runner, selection, state["best_top1"] if state else 0.0, run_log, pos.global_step)
+    max_steps = cfg.run.max_steps or epochs * s.steps_per_epoch
+    if rt.is_main:
+        for line in ramp_warnings(s.module.tasks, s.steps_per_epoch, min(max_steps, epochs * s.steps_per_epoch)):
             log.warning(line)
-    last_eval: dict = {}
-    progress = progress_bar(cfg, rt, max_steps, global_step)
-    stop.install()
-    try:
-        t_start, seen = time.perf_counter(), 0
-        exit_code = 0
-        lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
-        engine.train()
-        while epoch < run_epochs and global_step < max_steps and exit_code == 0:
-            for batch in train_loader.epoch(epoch, step_in_epoch):
-                lr = lr_at(global_step, total_steps, warmup_steps, cfg.optim.lr, cfg.optim.min_lr)
-                seed = step_seed(cfg.run.seed, global_step, rt.rank)
-                if runner is not None:   # static buffers, LR and non-finite check on the device: no host sync
-                    runner.step(batch, lr, seed, epoch + step_in_epoch / steps_per_epoch, global_step)
-                else:   # losses and the finite flag into device accumulators (engine/supervised_step.py)
-                    torch.manual_seed(seed)
-                    if not stepper.step(batch, lr, seed, epoch + step_in_epoch / steps_per_epoch, global_step,
-                                        nonfinite):
-                        nonfinite_skipped += 1   # skipped: parameters and optimizer state unchanged
-                global_step += 1
-                step_in_epoch += 1
-                seen += len(batch) * rt.world_size
-                if global_step % cfg.run.log_every == 0 or step_in_epoch == steps_per_epoch:
-                    read_window(lr)   # the window's mean loss: one host sync per run.log_every steps
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(epoch=epoch, loss=f"{shown_loss:.3f}", lr=f"{lr:.2e}",
-                                         img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
-                if stop.signal is not None or (global_step >= max_steps and step_in_epoch < steps_per_epoch):
-                    break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints
-                if (cfg.run.checkpoint_every_steps and global_step % cfg.run.checkpoint_every_steps == 0
-                        and step_in_epoch < steps_per_epoch):
-                    save_state()   # mid-epoch; an epoch's end has its own checkpoint rule below
-            else:
-                # the epoch ran to its end
-                improved = False
-                if (epoch + 1) % cfg.run.eval_every == 0 or epoch + 1 == run_epochs:
-                    last_eval = evaluate(forward_model, test_loader, rt, dtype)
-                    best_top1 = max(best_top1, last_eval["top1"])
-                    val = val_loader and evaluate(forward_model, val_loader, rt, dtype)
-                    improved = selection.update(global_step, val["top1"] if val else last_eval["top1"],
-                                                last_eval["top1"])
-                    if run_log:
-                        run_log.write({"kind": "eval", "step": global_step, "epoch": epoch + 1, **last_eval,
-                                       "best_top1": best_top1,
-                                       **({"val_top1": val["top1"], "val_loss": val["loss"]} if val else {})})
-                    val_text = f", validation top-1 {val['top1']:.2f}%" if val else ""
-                    log_line(progress, rt, f"epoch {epoch + 1}/{run_epochs}: test top-1 {last_eval['top1']:.2f}% "
-                                           f"(best {best_top1:.2f}%){val_text}, loss {last_eval['loss']:.4f}")
-                epoch, step_in_epoch = epoch + 1, 0
-                if epoch % cfg.run.checkpoint_every == 0 or epoch == run_epochs or improved:
-                    save_state(best=improved)   # a new best is always checkpointed, so best/ can hold it
-                continue
-            # left the epoch early (a signal, or run.max_steps): checkpoint where we are
-            save_state()
-            if stop.signal is not None:
-                exit_code = EXIT_INTERRUPTED
-                if rt.is_main:
-                    log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
-                                stop.signal, global_step)
-            break
-    finally:
-        stop.restore()
-        stepper.remove()
-    if progress is not None:
-        progress.close()
-    elapsed = time.perf_counter() - t_start
-    summary = {"epochs_done": epoch, "global_step": global_step, "best_top1": best_top1,
+    run = Run(cfg, rt, s.engine, out_dir, s.train_loader, epochs, max_steps, StopFlag(), hooks.step,
+              hooks.read_window, hooks.evaluate, hooks.read_window, hooks.state, lambda: hooks.shown,
+              {"hub_config": s.hub_config, "keep_last": cfg.run.keep_last}, close=s.stepper.remove)
+    exit_code, elapsed, seen = run_epochs(run, pos)
+    last_eval = hooks.last_eval
+    summary = {"epochs_done": pos.epoch, "global_step": pos.global_step, "best_top1": hooks.best_top1,
                "last": last_eval, "seconds": round(elapsed, 2), "images_per_second": round(seen / max(elapsed, 1e-9), 1),
-               "exit_code": exit_code, "nonfinite_skipped": nonfinite_skipped,
+               "exit_code": exit_code, "nonfinite_skipped": pos.nonfinite_skipped,
                "best_top1_is": "the best over test evaluations",
                "selection": selection.summary(last_eval.get("top1"))}
     close_run(rt, out_dir, run_log, summary)

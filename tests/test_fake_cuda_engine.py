@@ -32,7 +32,8 @@ from torch import nn
 from engine.config import config_from_dict
 from engine.graphed_step import StaticStepRunner
 from engine.models import create_model
-from engine.pretrain import DINONetwork, clip_per_parameter, ema_update
+from engine.pretrain import DINONetwork
+from engine.ssl.updates import clip_per_parameter, ema_update
 from engine.runtime import Runtime
 from engine.ssl.backbone import MultiCropBackbone, pooled_features
 from engine.ssl.head import DINOHead
@@ -277,10 +278,11 @@ def test_static_step_on_fake_cuda(mode, fused, prec, fake_cuda, monkeypatch):
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         assert len(optimizer.state) == len(runner.params) and {t.device for t in state} == {CUDA}
         assert {s["step"].dtype for s in optimizer.state.values()} == {torch.float32}
-        buffers = [runner.lr, runner.seed, runner.step_number, runner.sums, runner.ok_steps, runner.nonfinite,
-                   runner.first_bad, runner.halted, *runner.task_weights]
+        window = runner.window
+        buffers = [runner.lr, runner.seed, runner.step_number, window.sums, window.ok_steps, window.nonfinite,
+                   window.first_bad, runner.halted, *runner.task_weights]
         assert {t.device for t in buffers} == {CUDA} and runner.lr.dtype == torch.float32
-        assert runner.names[:2] == ["loss", "cls_loss"] and runner.sums.shape == (len(runner.names),)
+        assert window.names[:2] == ["loss", "cls_loss"] and window.sums.shape == (len(window.names),)
         assert all(p.device == CUDA for p in module.parameters())
     assert calls == ([{"params": len(g["params"]), "found_inf": True} for _ in range(3)
                       for g in optimizer.param_groups] if fused else [])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.pretrain import clip_per_parameter, ema_update
+from engine.ssl.updates import clip_per_parameter, ema_update
 from engine.ssl.head import DINOHead, WeightNormLinear
 from engine.ssl.knn import knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning

@@ -386,8 +386,9 @@ def test_default_step_makes_no_host_sync_between_log_points_on_fake_cuda(accumul
             with fc.linear_output_dtypes(module.model) as dtypes, fc.no_step_sync() if s else contextlib.nullcontext():
                 assert step.step(batch, 1e-3, 1000 + s, 5.0, s, report=pytest.fail)
             assert set(dtypes) == {dtype}
-        assert {t.device for t in (step.sums, step.ok_steps, step.nonfinite, step.first_bad, step.halted)} == {fc.CUDA}
-        assert step.names[:2] == ["loss", "cls_loss"]
+        w = step.window
+        assert {t.device for t in (w.sums, w.ok_steps, w.nonfinite, w.first_bad, step.halted)} == {fc.CUDA}
+        assert w.names[:2] == ["loss", "cls_loss"]
         # the guard is not vacuous: the host check (engine.fail_on_nonfinite=false) reads each step's loss
         checked = SupervisedStep(_StandInEngine(module, optimizer), optimizer, fc.CUDA, dtype,
                                  fail_on_nonfinite=False, zero_stage=0, clip=1.0, accumulation_steps=accumulation)
