@@ -177,7 +177,7 @@ def resume_step(state: dict, global_batch: int, folder: Path) -> int:
     """The step within the epoch to resume at: the checkpoint's global sample position (samples of the epoch
     consumed over all ranks) in batches of this run's global batch. The sample order does not depend on the world
     size (loaders/order.py), so a run resumed on another number of ranks sees every sample of the epoch once."""
-    saved_batch = state.get("global_batch", global_batch)   # checkpoints before format 2 lack it: same batch
+    saved_batch = state.get("global_batch", global_batch)   # a state without it was saved at this batch
     consumed = state["step_in_epoch"] * saved_batch
     if consumed % global_batch:
         raise ConfigError(f"data.batch_size: {global_batch} does not divide the {consumed} samples of the epoch "
