@@ -16,9 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the dotted key at fault."""
+from engine.errors import ConfigError  # noqa: F401  (imported from here everywhere else)
 
 
 # --------------------------------------------------------------------------------------------------- schema
