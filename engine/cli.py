@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", formatter_class=_Formatter, epilog=_config_epilog(),
                        help="convert the embedded digits set and train the demo recipe on it (no network)",
                        description=f"The embedded default: scikit-learn's 8x8 digits upscaled to 32x32 RGB, "
-                                   f"converted with FFCV, the reference CIFAR ViT and its auxiliary task under DeepSpeed. "
-                                   f"Recipe: {DEMO_CONFIG}.")
+                                   f"converted with FFCV, the reference CIFAR ViT + its auxiliary task under "
+                                   f"DeepSpeed. Recipe: {DEMO_CONFIG}.")
     p.add_argument("--out", default="runs/demo", help="folder for the converted data (data/) and the run (run/)")
     p.add_argument("--workers", type=int, default=2, help="conversion workers")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo recipe")

@@ -178,10 +178,10 @@ class StaticStepRunner:
 
     module: engine.train_module.TrainModule (`module(batch, epoch, seed, weights=) -> (loss, parts)`, its `tasks`);
     optimizer: the torch AdamW over its parameters; mode: 'graphed' or 'emulated'; autocast_dtype: torch.bfloat16
-    for bf16 compute under torch.autocast, None for fp32; fail_on_nonfinite: after a non-finite step every later update is skipped
-    too, so the parameters stay those before it until the loop reads the buffers and stops; clip: max gradient
-    norm (0 = off); engine: the DeepSpeed engine holding module and optimizer (ZeRO 0, one rank), whose step and
-    sample counters the runner advances as engine.step() does, or None for a plain PyTorch step."""
+    for bf16 compute under torch.autocast, None for fp32; fail_on_nonfinite: after a non-finite step every later
+    update is skipped too, so the parameters stay those before it until the loop reads the buffers and stops; clip:
+    max gradient norm (0 = off); engine: the DeepSpeed engine holding module and optimizer (ZeRO 0, one rank), whose
+    step and sample counters the runner advances as engine.step() does, or None for a plain PyTorch step."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, mode: str, device: torch.device,
                  autocast_dtype: Optional[torch.dtype], fail_on_nonfinite: bool, clip: float = 0.0, engine=None,

@@ -1,7 +1,7 @@
 """Supervised training under DeepSpeed: build(), the step and the hooks that engine/loop.py's skeleton runs.
 
     deepspeed engine/train.py --config configs/cifar10_vit_scratch.yaml [key=value ...]   # any number of ranks
-    smallvit train --config ... [key=value ...]                                          # one process, no launcher
+    smallvit train --config ... [key=value ...]                                           # one process, no launcher
 
 Per step: batch from the loader (already augmented on the device) -> one forward over the images and every view the
 auxiliary tasks ask for -> class loss + sum of the tasks' weighted losses -> DeepSpeed backward/step. Every random

@@ -132,7 +132,8 @@ class PerceptibilityTransform:
 
     def __init__(self, kind: str = "translate", max_shift: float = 0.2, scale_min: float = 0.5,
                  scale_max: float = 1.5, fill: str | float = "faithful"):
-        self.kind, self.max_shift, self.scale_min, self.scale_max, self.fill = kind, max_shift, scale_min, scale_max, fill
+        self.kind, self.max_shift, self.fill = kind, max_shift, fill
+        self.scale_min, self.scale_max = scale_min, scale_max
 
     @classmethod
     def from_config(cls, cfg) -> "PerceptibilityTransform":
