@@ -3,7 +3,8 @@
 (1) A toy task defined in this file alone -- its Config, check, head, loss, weight and a loader-side batch transform
     that adds one extra view (the flipped images) -- registered with `register("toy", ToyTask)`, enabled through the
     normal YAML + override path, trains two steps with DeepSpeed's step and two with the static step (emulated on the
-    CPU): finite losses, its head's parameters changed, the two step paths bitwise equal.
+    CPU): finite losses, its head's parameters changed, the two step paths bitwise equal. On CUDA, the same task in
+    a captured graph gives the emulated step's losses (skipped without CUDA).
 (2) The schema has tasks.toy.* while it is registered, and not otherwise.
 (3) Which files of engine/, loaders/, bench/ and kernels/ name each built-in task: each within its allowed set.
 (4) engine/config.py imports without importing the tasks' modules (or torch).
@@ -47,7 +48,8 @@ class FlipTransform:
 
 class ToyTask(AuxTask):
     """Tell the flipped pass from the clean one: a linear head on [mean tokens of the clean pass, of the flipped
-    pass] -> one logit, BCE against the target the transform recorded (always 1), times a constant weight."""
+    pass] -> one logit, BCE against the target the transform recorded (always 1), times a weight that grows with
+    the (fractional) epoch, so that a replayed CUDA graph must read each step's weight from its buffer."""
 
     name = "toy"
     Config = ToyConfig
@@ -74,7 +76,7 @@ class ToyTask(AuxTask):
         self.head = nn.Linear(2 * embed_dim, 1)
 
     def weight(self, epoch: float) -> float:
-        return self.cfg.weight
+        return self.cfg.weight * (1.0 + epoch)
 
     def peak_weight(self) -> float:
         return self.cfg.weight
@@ -143,6 +145,22 @@ def test_a_task_registered_from_a_test_trains_on_both_step_paths(toy, tiny_beton
     assert not torch.equal(finals["plain"][head], toy.initial[0]["head.weight"])   # the toy head trained
     assert torch.equal(finals["plain"][head], finals["static"][head])
     assert torch.equal(finals["plain"]["tasks.0.head.bias"], finals["static"]["tasks.0.head.bias"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
+def test_the_toy_task_trains_in_a_captured_graph_on_cuda(toy, tiny_betons, tmp_path):
+    """On CUDA: engine.graph_step=on (3 warm-up steps, capture, replays) gives the emulated static step's losses
+    with the toy task alone (its weight changes every step: the replays read it from the weights buffer)."""
+    from engine.train import train
+
+    losses = {}
+    for mode in ("on", "emulate"):
+        cfg = _toy_cfg(tmp_path, tiny_betons, tmp_path / mode, "engine.device=cuda", "model.drop_path=0.0",
+                       "run.max_steps=8", f"engine.graph_step={mode}")
+        train(cfg)
+        losses[mode] = [r["loss"] for r in read_metrics(tmp_path / mode / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(losses["on"]) == len(losses["emulate"]) == 8
+    torch.testing.assert_close(torch.tensor(losses["on"]), torch.tensor(losses["emulate"]), rtol=1e-4, atol=1e-5)
 
 
 def test_the_toy_batch_transform_runs_in_the_loader(toy, tiny_betons, tmp_path):
