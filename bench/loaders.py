@@ -65,15 +65,15 @@ def make_betons(source: str, images: int, folder: Path) -> dict[str, Path]:
 def build(kind: str, beton: Path, augment: bool, batch: int, device: torch.device, workers: int,
           capture: str = "auto"):
     """The loader the bench runs for `kind` (torchvision: the reference's PIL transforms in DataLoader workers)."""
-    from engine.config import DataConfig, PerceptibilityConfig
+    from engine.config import DataConfig
     from loaders.factory import build_loader
     from loaders.sidecar import read_sidecar
+    from loaders.transforms.perceptibility import PerceptibilityTransform
 
     meta = read_sidecar(beton)
     data = DataConfig(dataset=meta["dataset"], train=str(beton), test=str(beton), loader=kind, batch_size=batch,
                       num_workers=workers, capture_transform=capture, **(FULL_RECIPE if augment else {}))
-    perceptibility = PerceptibilityConfig(enabled=True) if augment else None
-    loader, _ = build_loader(data, True, 0, device, perceptibility=perceptibility)
+    loader, _ = build_loader(data, True, 0, device, batch_transforms=[PerceptibilityTransform()] if augment else ())
     if kind == "torchvision":   # the reference repos' pipeline: PIL transforms in DataLoader workers
         from loaders.torchvision_loader import TorchvisionLoader
 

@@ -80,8 +80,9 @@ def _rate(step, batch: int, steps: int, repeats: int, device: torch.device, warm
 def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch.device, workers: int,
                 ds_configs: bool = False) -> list[dict]:
     from engine.models import create_model
-    from engine.tasks import build_tasks
-    from engine.train import TrainModule, param_groups
+    from engine.tasks import batch_transforms, build_tasks
+    from engine.train_module import TrainModule
+    from engine.weight_decay import param_groups
     from loaders.factory import build_loader
 
     cfg = _config(beton, batch, device.type)
@@ -110,7 +111,7 @@ def bench_batch(beton: Path, batch: int, steps: int, repeats: int, device: torch
 
     # ours: loader + augmentation + model + drloc + translation (plain PyTorch step)
     loader, meta = build_loader(cfg.data, True, 0, device, label_smoothing=0.1,
-                                perceptibility=cfg.tasks.perceptibility)
+                                batch_transforms=batch_transforms(cfg))
     model = create_model("vit_cifar", num_classes=meta["num_classes"]).to(device)
     module = TrainModule(model, build_tasks(cfg, model.embed_dim, model.grid_size), 0.1).to(device)
     opt = torch.optim.AdamW(param_groups(module, 0.05), lr=1e-4, fused=device.type == "cuda")
@@ -176,7 +177,8 @@ def _fresh_step(cfg, num_classes: int, device: torch.device):
     """A new TrainModule (vit_cifar + the config's tasks, seeded) and its AdamW, as bench_batch builds them."""
     from engine.models import create_model
     from engine.tasks import build_tasks
-    from engine.train import TrainModule, param_groups
+    from engine.train_module import TrainModule
+    from engine.weight_decay import param_groups
 
     torch.manual_seed(0)
     model = create_model("vit_cifar", num_classes=num_classes)

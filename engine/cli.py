@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smallvit", formatter_class=_Formatter,
         description="Train Vision Transformers on small image datasets fast: convert a dataset to .beton, train "
-                    "with auxiliary tasks (drloc, translation/scale perceptibility) under DeepSpeed, evaluate, "
+                    "with auxiliary self-supervised tasks under DeepSpeed, evaluate, "
                     "inspect files, and benchmark the data path and heads.")
     from engine import __version__
 
@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", formatter_class=_Formatter, epilog=_config_epilog(),
                        help="convert the embedded digits set and train the demo recipe on it (no network)",
                        description=f"The embedded default: scikit-learn's 8x8 digits upscaled to 32x32 RGB, "
-                                   f"converted with FFCV, the reference CIFAR ViT + drloc under DeepSpeed. "
-                                   f"Recipe: {DEMO_CONFIG}.")
+                                   f"converted with FFCV, the reference CIFAR ViT + its auxiliary task under "
+                                   f"DeepSpeed. Recipe: {DEMO_CONFIG}.")
     p.add_argument("--out", default="runs/demo", help="folder for the converted data (data/) and the run (run/)")
     p.add_argument("--workers", type=int, default=2, help="conversion workers")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo recipe")

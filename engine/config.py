@@ -1,6 +1,6 @@
 """One config schema for every smallvit command: dataclasses, loaded from YAML, with dotted CLI overrides.
 
-    cfg = load_config("configs/cifar10_vit_drloc.yaml", ["optim.lr=5e-4", "tasks.drloc.enabled=true"])
+    cfg = load_config("configs/cifar10_vit_scratch.yaml", ["optim.lr=5e-4", "model.drop_path=0.2"])
 
 Every key is checked against the schema before any work starts: an unknown key, a value of the wrong type or
 one outside its allowed choices raises `ConfigError` whose message names the dotted key (and the file).
@@ -16,9 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the dotted key at fault."""
+from engine.errors import ConfigError  # noqa: F401  (imported from here everywhere else)
+from engine.tasks import registry as task_registry
 
 
 # --------------------------------------------------------------------------------------------------- schema
@@ -104,42 +103,31 @@ class ModelConfig:
                                        # missing or mismatched; nothing loaded at all is refused either way
 
 
-@dataclass
-class DrlocConfig:
-    """Dense relative localization (METHODS.md C)."""
-    enabled: bool = False
-    mode: Literal["l1", "ce", "cbr"] = "l1"
-    use_abs: bool = True
-    pairs: int = 64                    # m: pairs sampled per image
-    lambda0: float = 0.1               # peak weight; ViT value unstated in the reference, 0.1 is our default
-    hidden: int = 512
-    stop_at_101: bool = False          # reproduce the reference loop that stops at epoch 101 of a 300-epoch schedule
-                                       # (engine.tasks.drloc.effective_epochs: the loop's epoch count; LR and lambda
-                                       # stay scheduled over optim.epochs)
-    weight_per_step: bool = False      # False = reference: lambda from the integer epoch, constant within an epoch
+# The `tasks` section: one sub-section per registered auxiliary task (engine/tasks/registry.py), each the task's
+# own Config dataclass (tasks.<name>.* in that task's module). Its class, TasksConfig, is made from the
+# registry when first needed and again whenever the registry changes; the task modules load then, not here.
+_tasks_schema: Optional[tuple[int, type]] = None
 
 
-@dataclass
-class PerceptibilityConfig:
-    """Translation / scale perceptibility (METHODS.md A)."""
-    enabled: bool = False
-    kind: Literal["translate", "scale", "both"] = "translate"
-    max_shift: float = 0.2             # m: dx, dy from linspace(-m, m, 10), fractions of width/height
-    scale_min: float = 0.5
-    scale_max: float = 1.5
-    fill: Literal["faithful", "mean"] = "faithful"  # faithful = 128.0 in normalized space (the reference quirk)
-    alpha: float = 0.4                 # weight of the CE on the transformed pass
-    init_weight: float = 1.2           # peak of lambda(e)
-    warmup_fraction: float = 0.2       # W = warmup_fraction * E
-    lambda_on_scale: bool = False      # 'both': the reference leaves lambda off the scale term; True puts it on
-    hidden: int = 384
-    weight_per_step: bool = False      # False = reference: lambda from the integer epoch, constant within an epoch
+def tasks_config_class() -> type:
+    """TasksConfig: a dataclass with one field per registered task (the registry's order), typed and defaulted by
+    that task's Config."""
+    global _tasks_schema
+    version = task_registry.version()
+    if _tasks_schema is None or _tasks_schema[0] != version:
+        fields = [(name, cls.Config, field(default_factory=cls.Config))
+                  for name, cls in task_registry.registered().items()]
+        made = dataclasses.make_dataclass("TasksConfig", fields)
+        made.__module__ = __name__
+        made.__doc__ = "The auxiliary tasks, one section each (engine/tasks/registry.py)."
+        _tasks_schema = (version, made)
+    return _tasks_schema[1]
 
 
-@dataclass
-class TasksConfig:
-    drloc: DrlocConfig = field(default_factory=DrlocConfig)
-    perceptibility: PerceptibilityConfig = field(default_factory=PerceptibilityConfig)
+def __getattr__(name: str) -> Any:
+    if name == "TasksConfig":   # the registry's current schema, by its usual name
+        return tasks_config_class()
+    raise AttributeError(f"module 'engine.config' has no attribute {name!r}")
 
 
 @dataclass
@@ -224,7 +212,7 @@ class SSLConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    tasks: TasksConfig = field(default_factory=TasksConfig)
+    tasks: Any = field(default_factory=lambda: tasks_config_class()())   # TasksConfig (see tasks_config_class)
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -278,12 +266,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - schema bug
 
 
+def _hints(cls: type) -> dict[str, Any]:
+    """The field types of a schema dataclass; Config's `tasks` is the registry's current TasksConfig."""
+    hints = typing.get_type_hints(cls)
+    if cls is Config:
+        hints["tasks"] = tasks_config_class()
+    return hints
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
@@ -430,16 +426,10 @@ def validate(cfg: Config) -> None:
         ("model.embed_dim", cfg.model.embed_dim >= 0, "must be >= 0 (0 = the model's default)"),
         ("model.num_heads", cfg.model.num_heads >= 0, "must be >= 0 (0 = the model's default)"),
         ("model.norm_eps", 0 <= cfg.model.norm_eps < 1, "must be in [0, 1) (0 = the model's reference)"),
-        ("tasks.drloc.pairs", cfg.tasks.drloc.pairs >= 1, "must be >= 1"),
-        ("tasks.drloc.lambda0", cfg.tasks.drloc.lambda0 >= 0, "must be >= 0"),
-        ("tasks.perceptibility.max_shift", 0 < cfg.tasks.perceptibility.max_shift < 1, "must be in (0, 1)"),
-        ("tasks.perceptibility.scale_min", 0 < cfg.tasks.perceptibility.scale_min < cfg.tasks.perceptibility.scale_max,
-         "must be > 0 and < tasks.perceptibility.scale_max"),
-        ("tasks.perceptibility.alpha", cfg.tasks.perceptibility.alpha >= 0, "must be >= 0"),
-        ("tasks.perceptibility.init_weight", cfg.tasks.perceptibility.init_weight >= 0, "must be >= 0"),
-        ("tasks.perceptibility.warmup_fraction", 0 < cfg.tasks.perceptibility.warmup_fraction < 1, "must be in (0, 1)"),
-        ("tasks.perceptibility.hidden", cfg.tasks.perceptibility.hidden >= 1, "must be >= 1"),
-        ("tasks.drloc.hidden", cfg.tasks.drloc.hidden >= 1, "must be >= 1"),
+    ]
+    for name, task in task_registry.registered().items():   # each task checks its own section
+        checks += task.check(getattr(cfg.tasks, name), cfg)
+    checks += [
         ("optim.epochs", cfg.optim.epochs >= 1, "must be >= 1"),
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, "must be in [0, optim.lr]"),
@@ -486,7 +476,7 @@ def to_dict(cfg: Any) -> dict:
 def describe_options(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     """[(dotted key, type, default)] for every leaf: what `smallvit train --help` lists."""
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]

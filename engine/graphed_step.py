@@ -12,11 +12,11 @@ A config whose step cannot run this way falls back to DeepSpeed's step and logs 
 <reason>" (see `config_fallback_reason` and `engine_fallback_reason`).
 
 One step (`StaticStepRunner.step`), every tensor it reads or writes allocated before capture:
-  the loader's Batch      -> copied in place into static buffers (images, labels, soft labels, index, transformed
-                             views, every params target), checked to have the captured shapes and dtypes;
-  the step's host numbers -> filled into device scalars: LR, step seed (drloc pairs are hashed from it on the
-                             device), each task's weight lambda(e), the global step number;
-  forward (class loss + drloc + translation/scale perceptibility, i.e. TrainModule) -> backward -> total gradient
+  the loader's Batch      -> copied in place into static buffers (every tensor field, every extra view, every
+                             params target), checked to have the captured shapes and dtypes;
+  the step's host numbers -> filled into device scalars: LR, step seed (a task's random draws are hashed from it
+                             on the device), each task's weight lambda(e), the global step number;
+  forward (class loss + every auxiliary task, i.e. TrainModule, given the weight scalars) -> backward -> total gradient
   norm (DeepSpeed's clip_grad_norm_ formula) -> clipping -> AdamW with the LR tensor, its update skipped on the
   device when the loss or a gradient is not finite -> loss, logged parts and the non-finite count summed into
   device buffers.
@@ -37,6 +37,7 @@ per step, and the emulated path draws exactly what DeepSpeed's path draws (tests
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Optional
@@ -50,7 +51,6 @@ from loaders.batch import Batch
 log = logging.getLogger("smallvit")
 
 WARMUP_STEPS = 3   # eager steps on a side stream before capture (cuBLAS handles, Triton/compile, optimizer state)
-_FIELDS = ("images", "labels", "index", "soft_labels", "transformed")   # the Batch tensors the step reads
 CLIP_EPS = 1e-6    # DeepSpeed's clip_grad_norm_: coef = max_norm / (total_norm + 1e-6), at most 1
 
 
@@ -129,22 +129,33 @@ class StaticBatch:
     signature: dict = field(default_factory=dict)
 
     @staticmethod
-    def describe(batch: Batch) -> dict:
-        """{field: (shape, dtype) or None} of the tensors the step reads, params included as 'params.<key>'."""
-        out = {}
-        for name in _FIELDS:
-            t = getattr(batch, name)
-            out[name] = None if t is None else (tuple(t.shape), t.dtype, t.device)
-        for key, t in sorted(batch.params.items()):
-            out[f"params.{key}"] = (tuple(t.shape), t.dtype, t.device)
+    def tensors(batch: Batch) -> dict[str, Optional[torch.Tensor]]:
+        """{name: tensor or None} of every tensor the batch holds: each tensor field by its name, each params entry
+        as 'params.<key>' and each extra view as 'views.<name>' (sorted). Batch.crops (pretraining) is not read."""
+        out: dict[str, Optional[torch.Tensor]] = {}
+        for f in dataclasses.fields(batch):
+            value = getattr(batch, f.name)
+            if value is None or isinstance(value, torch.Tensor):
+                out[f.name] = value
+        for group in ("params", "views"):
+            for key, t in sorted(getattr(batch, group).items()):
+                out[f"{group}.{key}"] = t
         return out
+
+    @classmethod
+    def describe(cls, batch: Batch) -> dict:
+        """{tensor name: (shape, dtype, device) or None} of the tensors the step reads (see `tensors`)."""
+        return {name: None if t is None else (tuple(t.shape), t.dtype, t.device)
+                for name, t in cls.tensors(batch).items()}
 
     @classmethod
     def like(cls, batch: Batch) -> "StaticBatch":
         def clone(t):
             return None if t is None else torch.empty_like(t).copy_(t)   # empty_like keeps channels_last strides
-        static = Batch(**{name: clone(getattr(batch, name)) for name in _FIELDS},
-                       params={k: clone(v) for k, v in batch.params.items()})
+        fields = {f.name: clone(getattr(batch, f.name)) for f in dataclasses.fields(batch)
+                  if getattr(batch, f.name) is None or isinstance(getattr(batch, f.name), torch.Tensor)}
+        static = Batch(**fields, params={k: clone(v) for k, v in batch.params.items()},
+                       views={k: clone(v) for k, v in batch.views.items()})
         return cls(static, cls.describe(batch))
 
     def load(self, batch: Batch) -> None:
@@ -155,24 +166,22 @@ class StaticBatch:
             raise RuntimeError(f"graphed step: the batch changed layout in {', '.join(diff)} (captured "
                                f"{[self.signature.get(k) for k in diff]}, got {[got.get(k) for k in diff]}); "
                                f"set engine.graph_step=off for this data config")
-        for name in _FIELDS:
-            src = getattr(batch, name)
+        mine = self.tensors(self.batch)
+        for name, src in self.tensors(batch).items():
             if src is not None:
-                getattr(self.batch, name).copy_(src, non_blocking=True)
-        for key, src in batch.params.items():
-            self.batch.params[key].copy_(src, non_blocking=True)
+                mine[name].copy_(src, non_blocking=True)
 
 
 # ------------------------------------------------------------------------------------------------- the runner
 class StaticStepRunner:
     """Runs one training step of a TrainModule and its torch AdamW on static buffers (module docstring).
 
-    module: engine.train.TrainModule (`module(batch, epoch, seed) -> (loss, parts)`, its `tasks`); optimizer: the
-    torch AdamW over its parameters; mode: 'graphed' or 'emulated'; autocast_dtype: torch.bfloat16 for bf16 compute
-    under torch.autocast, None for fp32; fail_on_nonfinite: after a non-finite step every later update is skipped
-    too, so the parameters stay those before it until the loop reads the buffers and stops; clip: max gradient
-    norm (0 = off); engine: the DeepSpeed engine holding module and optimizer (ZeRO 0, one rank), whose step and
-    sample counters the runner advances as engine.step() does, or None for a plain PyTorch step."""
+    module: engine.train_module.TrainModule (`module(batch, epoch, seed, weights=) -> (loss, parts)`, its `tasks`);
+    optimizer: the torch AdamW over its parameters; mode: 'graphed' or 'emulated'; autocast_dtype: torch.bfloat16
+    for bf16 compute under torch.autocast, None for fp32; fail_on_nonfinite: after a non-finite step every later
+    update is skipped too, so the parameters stay those before it until the loop reads the buffers and stops; clip:
+    max gradient norm (0 = off); engine: the DeepSpeed engine holding module and optimizer (ZeRO 0, one rank), whose
+    step and sample counters the runner advances as engine.step() does, or None for a plain PyTorch step."""
 
     def __init__(self, module: nn.Module, optimizer: torch.optim.Optimizer, mode: str, device: torch.device,
                  autocast_dtype: Optional[torch.dtype], fail_on_nonfinite: bool, clip: float = 0.0, engine=None,
@@ -205,7 +214,7 @@ class StaticStepRunner:
                     state["step"] = state["step"].to(device)
         self.seed = torch.zeros((), dtype=torch.int64, device=device)
         self.step_number = torch.zeros((), dtype=torch.int64, device=device)
-        self.task_weights = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.tasks]
+        self.task_weights = torch.zeros(len(self.tasks), dtype=torch.float32, device=device)   # lambda(e) per task
         self.max_norm = torch.tensor(self.clip, dtype=torch.float32, device=device)
         self.window = LossWindow(device)   # the losses since the last read()
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
@@ -224,8 +233,8 @@ class StaticStepRunner:
         self.lr.fill_(lr)
         self.seed.fill_(seed)
         self.step_number.fill_(global_step)
-        for task, buf in zip(self.tasks, self.task_weights):
-            buf.fill_(type(task).weight(task, epoch))   # the class's lambda(e): the instance's is patched in _body
+        for i, task in enumerate(self.tasks):
+            self.task_weights[i].fill_(task.weight(epoch))   # this step's lambda(e), read by the forward
         torch.manual_seed(seed)
         if self.mode == "emulated":
             self.optimizer.zero_grad(set_to_none=True)
@@ -267,8 +276,8 @@ class StaticStepRunner:
 
     def _body(self, epoch: float) -> None:
         """forward, backward, norm, clip, guarded AdamW, accumulators: the work a replay repeats."""
-        with self._weights_from_buffers(), self._autocast():
-            loss, parts = self.module(self.static.batch, epoch, self.seed)
+        with self._autocast():   # the weights as buffers: a replay reads this step's lambda(e), not the captured one
+            loss, parts = self.module(self.static.batch, epoch, self.seed, weights=self.task_weights)
         loss.backward()
         with torch.no_grad():
             grads = [p.grad for p in self.module_params if p.grad is not None]
@@ -317,18 +326,6 @@ class StaticStepRunner:
         self.window.add(loss, parts, bad, loss_finite, self.step_number)   # first call eager: allocates outside capture
         if self.fail_on_nonfinite:
             self.halted.logical_or_(bad)
-
-    @contextlib.contextmanager
-    def _weights_from_buffers(self):
-        """Each task's weight(epoch) returns its device scalar while the step is traced, so a replay reads the
-        lambda(e) filled in for this step instead of the Python float of the step that was captured."""
-        for task, buf in zip(self.tasks, self.task_weights):
-            task.weight = (lambda _epoch, _buf=buf: _buf)
-        try:
-            yield
-        finally:
-            for task in self.tasks:
-                del task.weight
 
     def _autocast(self):
         if self.autocast_dtype is None:

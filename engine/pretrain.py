@@ -47,6 +47,7 @@ from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats, collapse_warning
 from engine.ssl.schedules import cosine_at
 from engine.ssl.step import DINOStep
+from engine.tasks.registry import enabled as enabled_tasks
 from engine.weight_decay import param_groups
 from loaders.factory import build_loader, preflight
 
@@ -93,8 +94,10 @@ def check_config(cfg: Config, world_size: int) -> None:
     if cfg.engine.deepspeed_config:
         raise ConfigError("engine.deepspeed_config: pretraining generates its own DeepSpeed config (fp32 master "
                           "weights, clipping done by the loop)")
-    if cfg.tasks.drloc.enabled or cfg.tasks.perceptibility.enabled:
-        raise ConfigError("tasks.*: auxiliary tasks belong to the supervised (fine-tune) stage, not to pretraining")
+    on = [name for name, _ in enabled_tasks(cfg)]
+    if on:
+        raise ConfigError(f"tasks.*: auxiliary tasks belong to the supervised (fine-tune) stage, not to pretraining "
+                          f"(enabled: {', '.join(f'tasks.{name}' for name in on)})")
 
 
 @torch.no_grad()

@@ -47,7 +47,7 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
         return None if t is None else t.narrow(0, i * m, m)
     return [Batch(images=cut(batch.images, i), labels=cut(batch.labels, i), index=cut(batch.index, i),
                   soft_labels=cut(batch.soft_labels, i), params={k: cut(v, i) for k, v in batch.params.items()},
-                  transformed=cut(batch.transformed, i),
+                  views={k: cut(v, i) for k, v in batch.views.items()},
                   crops=None if batch.crops is None else [cut(c, i) for c in batch.crops])
             for i in range(parts)]
 

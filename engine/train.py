@@ -1,7 +1,7 @@
 """Supervised training under DeepSpeed: build(), the step and the hooks that engine/loop.py's skeleton runs.
 
-    deepspeed engine/train.py --config configs/cifar10_vit_drloc.yaml [key=value ...]   # any number of ranks
-    smallvit train --config ... [key=value ...]                                          # one process, no launcher
+    deepspeed engine/train.py --config configs/cifar10_vit_scratch.yaml [key=value ...]   # any number of ranks
+    smallvit train --config ... [key=value ...]                                           # one process, no launcher
 
 Per step: batch from the loader (already augmented on the device) -> one forward over the images and every view the
 auxiliary tasks ask for -> class loss + sum of the tasks' weighted losses -> DeepSpeed backward/step. Every random
@@ -39,7 +39,8 @@ from engine.precision import compute_dtype
 from engine.runtime import Runtime, deepspeed_config, deterministic_algorithms, init_runtime, step_seed
 from engine.schedule import lr_at
 from engine.supervised_step import SupervisedStep
-from engine.tasks import build_tasks, class_ce, effective_epochs
+from engine.train_module import TrainModule
+from engine.tasks import batch_transforms, build_tasks, effective_epochs
 from engine.tasks.ramps import current_weights, ramp_warnings
 from engine.weight_decay import param_groups
 from loaders.batch import Batch
@@ -53,31 +54,6 @@ log = logging.getLogger("smallvit")
 def model_size_overrides(model_cfg) -> dict[str, int]:
     """model.depth / embed_dim / num_heads that are set (non-zero), as create_model keyword overrides."""
     return {k: getattr(model_cfg, k) for k in ("depth", "embed_dim", "num_heads") if getattr(model_cfg, k)}
-
-
-class TrainModule(nn.Module):
-    """The model and its auxiliary tasks as one module, so DeepSpeed owns every trainable parameter."""
-
-    def __init__(self, model: nn.Module, tasks: nn.ModuleList, label_smoothing: float):
-        super().__init__()
-        self.model = model
-        self.tasks = tasks
-        self.label_smoothing = label_smoothing
-
-    def forward(self, batch: Batch, epoch: float, seed: int = 0):
-        """-> (total loss scalar, {name: detached scalar} for the logs)."""
-        views = [v for task in self.tasks for v in task.extra_views(batch)]
-        images = torch.cat([batch.images, *views]) if views else batch.images
-        outputs = self.model.forward_with_tokens(images).split(1 + len(views))
-        cls_loss = class_ce(outputs[0].logits, batch.labels, batch.soft_labels, self.label_smoothing)
-        total = cls_loss
-        parts = {"cls_loss": cls_loss.detach()}
-        for task in self.tasks:
-            res = task.compute(outputs, batch, epoch, seed)
-            total = total + res.loss
-            parts[f"{task.name}_loss"] = res.raw
-            parts.update({f"{task.name}_{k}": v for k, v in res.metrics.items()})
-        return total, parts
 
 
 def train(cfg: Config) -> dict:
@@ -124,11 +100,10 @@ def build(cfg: Config) -> Setup:
     channels_last = cfg.engine.channels_last and rt.device.type == "cuda"
 
     # ---- data
-    perceptibility = cfg.tasks.perceptibility if cfg.tasks.perceptibility.enabled else None
     holdout = holdout_for(cfg.data.train, cfg.data.val_fraction, cfg.run.seed)   # None unless data.val_fraction
     train_loader, meta = build_loader(cfg.data, True, cfg.run.seed, rt.device, rt.rank, rt.world_size,
                                       torch.float32, channels_last, label_smoothing=cfg.optim.label_smoothing,
-                                      perceptibility=perceptibility, subset=holdout and holdout.train)
+                                      batch_transforms=batch_transforms(cfg), subset=holdout and holdout.train)
     val_loader = holdout and build_loader(cfg.data, False, cfg.run.seed, rt.device, rt.rank, rt.world_size,
                                           torch.float32, channels_last, subset=holdout.val, path=cfg.data.train)[0]
     test_loader, _ = build_loader(cfg.data, False, cfg.run.seed, rt.device, rt.rank, rt.world_size,

@@ -7,12 +7,10 @@ All tensors live on the training device. Units:
 - soft_labels: (B, num_classes) float, set when mixup/cutmix mixed the batch (rows sum to 1), else None. They
   already carry label smoothing (timm semantics), so the class loss on them is the plain soft-target CE.
 - index: (B,) int64 positions of the samples in the dataset (before repeats), for exact-once checks and resume.
-- params: the random parameters an auxiliary task uses as targets, each (B, ...) on the device:
-    'translate'      (B, 2) float  dx, dy as fractions of width/height, from linspace(-m, m, 10)
-    'translate_idx'  (B, 2) int64  their grid indices 0..9 (target = idx / 9)
-    'scale'          (B, 1) float  scale factor s from linspace(0.5, 1.5, 10)
-    'scale_idx'      (B, 1) int64  its grid index 0..9
-- transformed: (B, 3, H, W) T(images) for translation/scale perceptibility, else None.
+- params: the random draws of the augmentation, each (B, ...) on the device: the uint8 and mixing stages' (crop,
+  flip, ...) and those an auxiliary task's batch transform records as its targets (named in its own module).
+- views: {name: (B, 3, H, W)} extra views of the images that the auxiliary tasks' batch transforms made (in the
+  images' dtype and layout); empty when no task asks for one. The tasks name the views they read.
 - crops: multi-crop views for self-supervised pretraining: [global_1, global_2, local_1..local_n], each
   (B, 3, h, w); None unless asked for.
 """
@@ -31,7 +29,7 @@ class Batch:
     index: torch.Tensor
     soft_labels: Optional[torch.Tensor] = None
     params: dict[str, torch.Tensor] = field(default_factory=dict)
-    transformed: Optional[torch.Tensor] = None
+    views: dict[str, torch.Tensor] = field(default_factory=dict)
     crops: Optional[list[torch.Tensor]] = None
 
     def __len__(self) -> int:

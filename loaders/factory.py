@@ -77,11 +77,12 @@ def eval_global_batch(requested: int, num_images: int, world_size: int) -> int:
 
 def build_loader(data, train: bool, seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False, *, label_smoothing: float = 0.1,
-                 perceptibility=None, subset=None, path=None, stats: tuple | None = None):
+                 batch_transforms=(), subset=None, path=None, stats: tuple | None = None):
     """-> (loader with .epoch(e, start_step) yielding Batch and len() = steps per epoch, sidecar dict).
 
     label_smoothing (optim.label_smoothing) is folded into the soft labels when mixup/cutmix is on;
-    perceptibility (tasks.perceptibility, read by attribute) makes training batches carry T(x) and its targets.
+    batch_transforms: the auxiliary tasks' loader-side transforms (loaders.transforms.pipeline), run on training
+    batches in order: their views go into Batch.views, their draws into Batch.params.
     subset: the sample indices to draw from (loaders.holdout), path: the file (default data.train / data.test);
     a validation loader is train=False over data.train with the held-out subset.
     stats: (mean, std) to normalise an evaluation split with; default the training split's (training_statistics).
@@ -108,7 +109,7 @@ def build_loader(data, train: bool, seed: int, device: torch.device, rank: int =
     if train:
         transform = TrainTransform(data, meta["mean"], meta["std"], seed, dtype, channels_last,
                                    num_classes=meta["num_classes"], label_smoothing=label_smoothing,
-                                   perceptibility=perceptibility)
+                                   batch_transforms=batch_transforms)
     else:
         mean, std = stats if stats is not None else training_statistics(data)
         transform = EvalTransform(mean, std, dtype, channels_last)

@@ -8,8 +8,8 @@ torchvision's own `_apply_op`), with parameters drawn from the same counter-base
 for a given seed this loader yields the same batches as the resident/ffcv loaders (tests check it) and the same
 batches whatever the worker count. style='pil' runs the reference's PIL transforms instead (RandomHorizontalFlip,
 RandomCrop(padding), AutoAugment on PIL images, the global RNG seeded per sample from its key): the bench
-baseline. The batch stage (normalize, erasing, mixing, perceptibility) runs in the main process through the
-TrainTransform's `finish`, as the reference runs mixing on the batch.
+baseline. The batch stage (normalize, erasing, mixing, the tasks' batch transforms) runs in the main process
+through the TrainTransform's `finish`, as the reference runs mixing on the batch.
 """
 from __future__ import annotations
 

@@ -40,7 +40,8 @@ from engine.ssl.head import DINOHead
 from engine.ssl.knn import extract_features, knn_accuracy
 from engine.ssl.loss import DINOLoss, collapse_stats
 from engine.tasks import build_tasks
-from engine.train import TrainModule, evaluate, param_groups
+from engine.train import evaluate, param_groups
+from engine.train_module import TrainModule
 from loaders.batch import Batch
 from test_transforms_sync_free import _SYNC_METHODS, HostSyncError, HostSyncGuard
 
@@ -152,7 +153,7 @@ CASES = {
 
 
 def train_module(case: str) -> TrainModule:
-    """engine.train's TrainModule for a small model of `case`, drloc (PyTorch kernels) and translation+scale
+    """engine.train_module's TrainModule for a small model of `case`, drloc (PyTorch kernels) and translation+scale
     perceptibility on, on the CPU."""
     name, sizes, task_overrides = CASES[case]
     cfg = config_from_dict({}, ["optim.epochs=10", "engine.kernels=torch", "tasks.drloc.enabled=true",
@@ -173,7 +174,8 @@ def make_batch(device="cuda", n: int = 6, soft_labels: bool = False) -> Batch:
               "scale_idx": torch.randint(0, 10, (n, 1), device=device)}
     soft = torch.softmax(torch.randn(n, 10, device=device), dim=1) if soft_labels else None
     return Batch(images=image(), labels=torch.randint(0, 10, (n,), device=device),
-                 index=torch.arange(n, device=device), soft_labels=soft, params=params, transformed=image())
+                 index=torch.arange(n, device=device), soft_labels=soft, params=params,
+                 views={"transformed": image()})
 
 
 @pytest.mark.parametrize("prec", ["fp32", "bf16", "deepspeed_bf16"])

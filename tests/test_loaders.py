@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import DataConfig, PerceptibilityConfig
+from engine.config import DataConfig
+from loaders.transforms.perceptibility import PerceptibilityTransform
 from loaders.convert.digits import ArraySource
 from loaders.convert.writer import WriteOptions, write_beton
 from loaders.factory import build_loader
@@ -122,17 +123,17 @@ def test_loaders_agree_batch_for_batch(betons, impl):
     either AutoAugment family."""
     data = _data(betons["raw"], "resident", auto_augment="svhn", auto_augment_impl=impl, erasing_prob=0.5,
                  mixup_alpha=1.0, cutmix_alpha=1.0)
-    perc = PerceptibilityConfig(enabled=True, kind="both")
+    perc = PerceptibilityTransform(kind="both")
     runs = {}
     for kind in ("resident", "ffcv", "torchvision"):
         loader, _ = build_loader(dataclasses.replace(data, loader=kind), True, 9, torch.device("cpu"),
-                                 perceptibility=perc)
+                                 batch_transforms=[perc])
         runs[kind] = _collect(loader, 0)
     for kind in ("ffcv", "torchvision"):
         for x, y in zip(runs["resident"], runs[kind]):
             assert torch.equal(x.index, y.index)
             assert torch.equal(x.images, y.images), kind
-            assert torch.equal(x.transformed, y.transformed)
+            assert torch.equal(x.views["transformed"], y.views["transformed"])
             assert torch.equal(x.params["translate_idx"], y.params["translate_idx"])
 
 
@@ -254,7 +255,7 @@ def test_an_epoch_makes_no_blocking_copy_and_no_host_sync(betons, kind, train):
                  num_workers=1, drop_last=False)
     meta = torch.device("meta")
     with DeviceWork():                                  # emulates pinned memory for the set-up and warm-up too
-        loader, _ = build_loader(data, train, 0, meta, perceptibility=PerceptibilityConfig(enabled=True))
+        loader, _ = build_loader(data, train, 0, meta, batch_transforms=[PerceptibilityTransform()])
         list(loader.epoch(0))                           # the per-size tables (made once) and statistics
         with DeviceWork(strict=True) as work:
             batches = list(loader.epoch(1))
@@ -444,11 +445,11 @@ def test_batch_contract_with_full_recipe(betons):
     data = _data(betons["raw"], "resident", auto_augment="cifar10", erasing_prob=0.25, mixup_alpha=1.0,
                  cutmix_alpha=1.0)
     loader, _ = build_loader(data, True, 0, torch.device("cpu"), label_smoothing=0.1,
-                             perceptibility=PerceptibilityConfig(enabled=True, kind="translate"))
+                             batch_transforms=[PerceptibilityTransform(kind="translate")])
     b = next(iter(loader.epoch(0)))
     assert b.soft_labels.shape == (12, 10) and torch.allclose(b.soft_labels.sum(1), torch.ones(12))
     assert b.soft_labels.min() >= 0.01 - 1e-6                       # label smoothing folded in
-    assert b.transformed.shape == b.images.shape
+    assert b.views["transformed"].shape == b.images.shape
     assert b.params["translate"].shape == (12, 2) and b.params["translate_idx"].dtype == torch.int64
     assert b.targets is b.soft_labels
 

@@ -78,7 +78,7 @@ def test_weight_decay_names_inside_the_training_module_and_the_dino_network():
     """The exemptions follow the model into the modules the loops wrap it in (model.*, backbone.backbone.*)."""
     from engine.config import config_from_dict
     from engine.pretrain import build_network
-    from engine.train import TrainModule
+    from engine.train_module import TrainModule
     from engine.models import create_model
 
     model = create_model("vit_cifar", num_classes=4, depth=1, embed_dim=32, num_heads=2)

@@ -52,15 +52,16 @@ def test_item05_training_plan_never_draws_held_out_samples_on_any_rank_count(ord
 
 def test_item05_best_checkpoint_chosen_on_validation(tiny_betons, tmp_path, monkeypatch):
     import engine.train as train_module
+    from engine.train_module import TrainModule
 
     indices = []
-    real_forward = train_module.TrainModule.forward
+    real_forward = TrainModule.forward
 
     def spy(self, batch, *args, **kwargs):
         indices.extend(batch.index.tolist())
         return real_forward(self, batch, *args, **kwargs)
 
-    monkeypatch.setattr(train_module.TrainModule, "forward", spy)
+    monkeypatch.setattr(TrainModule, "forward", spy)
     out = tmp_path / "run"
     summary = train_module.train(_cfg(tiny_betons, out, "data.val_fraction=0.25", "optim.epochs=3"))
     held = split_indices(np.arange(96) % 4, 0.25, seed=0).val   # tiny labels cycle 0..3

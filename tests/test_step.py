@@ -50,7 +50,8 @@ def _engine_and_step(cfg, seed=0):
     from engine.runtime import deepspeed_config, init_runtime
     from engine.supervised_step import SupervisedStep
     from engine.tasks import build_tasks
-    from engine.train import TrainModule, param_groups
+    from engine.train import param_groups
+    from engine.train_module import TrainModule
 
     rt = init_runtime("cpu")
     torch.manual_seed(seed)
@@ -456,7 +457,8 @@ def test_device_skip_leaves_parameters_and_state_as_before_the_bad_step_and_read
     from engine.models import create_model
     from engine.runtime import deepspeed_config, init_runtime
     from engine.supervised_step import SupervisedStep
-    from engine.train import TrainModule, param_groups
+    from engine.train import param_groups
+    from engine.train_module import TrainModule
     from loaders.batch import Batch
 
     cfg = config_from_dict({}, ["data.batch_size=8", "engine.precision=fp32", "optim.clip_grad=1.0"])

@@ -43,7 +43,7 @@ def perceptibility_batch(images, labels, kind, gen, fill=128.0, soft_labels=None
         params["scale_idx"] = s_idx
         params["scale"] = torch.from_numpy(SCALES).float()[s_idx]
     return Batch(images=images, labels=labels, index=torch.arange(b), soft_labels=soft_labels, params=params,
-                 transformed=torch.stack(moved))
+                 views={"transformed": torch.stack(moved)})
 
 
 def perc_cfg(epochs=300, drloc=False, **kw):
@@ -55,7 +55,7 @@ def perc_cfg(epochs=300, drloc=False, **kw):
 
 def outputs_for(model, batch):
     """One stacked forward over [images, transformed], split back: what the loop does."""
-    out = model.forward_with_tokens(torch.cat([batch.images, batch.transformed]))
+    out = model.forward_with_tokens(torch.cat([batch.images, batch.views["transformed"]]))
     return out.split(2)
 
 
@@ -84,7 +84,7 @@ def test_extra_view_is_the_transformed_batch():
     images = torch.randn(2, 3, 8, 8)
     batch = perceptibility_batch(images, torch.zeros(2, dtype=torch.long), "translate", torch.Generator())
     views = task.extra_views(batch)
-    assert len(views) == 1 and views[0] is batch.transformed
+    assert len(views) == 1 and views[0] is batch.views["transformed"]
     with pytest.raises(ValueError, match="transformed"):
         task.extra_views(Batch(images=images, labels=torch.zeros(2, dtype=torch.long), index=torch.arange(2)))
 
@@ -94,7 +94,7 @@ def test_batch_builder_moves_pixels_by_the_recorded_fraction():
     g = torch.Generator().manual_seed(0)
     batch = perceptibility_batch(img, torch.zeros(1, dtype=torch.long), "translate", g)
     dx, dy = batch.params["translate"][0].tolist()
-    moved = batch.transformed[0, 0]
+    moved = batch.views["transformed"][0, 0]
     assert (moved == 128.0).any()                              # the grid has no zero: something always moves
     assert abs(dx) >= 0.02 and abs(dy) >= 0.02
 

@@ -26,7 +26,8 @@ def test_deepspeed_step_reduces_loss():
     from engine.models import create_model
     from engine.runtime import deepspeed_config, init_runtime
     from engine.tasks import build_tasks
-    from engine.train import TrainModule, param_groups
+    from engine.train import param_groups
+    from engine.train_module import TrainModule
     from loaders.batch import Batch
 
     rt = init_runtime("cpu")

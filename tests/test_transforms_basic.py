@@ -4,7 +4,8 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from engine.config import DataConfig, PerceptibilityConfig
+from engine.config import DataConfig
+from loaders.transforms.perceptibility import PerceptibilityTransform
 from loaders.transforms.basic import normalize, random_crop, random_flip
 from loaders.transforms.pipeline import TrainTransform
 from loaders.transforms.rng import sample_keys
@@ -44,8 +45,8 @@ def test_composed_pipeline_equals_per_image_reference():
     """uint8 stage batched == per-image torchvision (augment_one); then normalize/erase/mix/perceptibility."""
     data = DataConfig(auto_augment="cifar10", erasing_prob=0.25, mixup_alpha=1.0, cutmix_alpha=1.0)
     mean, std = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-    perc = PerceptibilityConfig(enabled=True, kind="both", fill="mean")
-    t = TrainTransform(data, mean, std, seed=3, num_classes=10, perceptibility=perc)
+    perc = PerceptibilityTransform(kind="both", fill="mean")
+    t = TrainTransform(data, mean, std, seed=3, num_classes=10, batch_transforms=[perc])
     x = torch.randint(0, 256, (16, 3, 31, 33), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 10, (16,))
     index = torch.arange(100, 116)
@@ -54,7 +55,7 @@ def test_composed_pipeline_equals_per_image_reference():
     per_image = torch.stack([augment_one(x[i], keys[i], data) for i in range(16)])
     ref = t.finish(per_image, labels, index, keys, t.batch_key(index, 2), {})
     assert torch.equal(batch.images, ref.images)
-    assert torch.equal(batch.transformed, ref.transformed)
+    assert torch.equal(batch.views["transformed"], ref.views["transformed"])
     assert torch.equal(batch.soft_labels, ref.soft_labels)
     assert batch.params["scale_idx"].shape == (16, 1)
     # with nothing random after normalization, the images are just the normalized augmented pixels
@@ -64,7 +65,7 @@ def test_composed_pipeline_equals_per_image_reference():
 
 def test_dtype_and_channels_last():
     t = TrainTransform(DataConfig(), [0.5] * 3, [0.25] * 3, seed=0, dtype=torch.bfloat16, channels_last=True,
-                       perceptibility=PerceptibilityConfig(enabled=True))
+                       batch_transforms=[PerceptibilityTransform()])
     b = t(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.int64), torch.arange(4))
     assert b.images.dtype == torch.bfloat16 and b.images.is_contiguous(memory_format=torch.channels_last)
-    assert b.transformed.dtype == torch.bfloat16
+    assert b.views["transformed"].dtype == torch.bfloat16

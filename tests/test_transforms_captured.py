@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 
-from engine.config import DataConfig, PerceptibilityConfig
+from engine.config import DataConfig
+from loaders.transforms.perceptibility import PerceptibilityTransform
 from loaders.transforms.captured import CapturedTransform
 from loaders.transforms.pipeline import TrainTransform
 from loaders.transforms.sync_free import forced_sync_free
@@ -25,7 +26,7 @@ FULL = DataConfig(auto_augment="cifar10", erasing_prob=0.25, mixup_alpha=1.0, cu
 def _pair(data, perc, mode):
     make = lambda capture: TrainTransform(dataclasses.replace(data, capture_transform=capture),  # noqa: E731
                                           [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=3, num_classes=10,
-                                          perceptibility=perc)
+                                          batch_transforms=[perc])
     return make("off"), make(mode)
 
 
@@ -99,12 +100,12 @@ def test_full_recipe_launches_at_most_100_per_batch_on_static_buffers():
     batch is its keys, the input copies, one replay and the output clones."""
     from bench.counting import DeviceWork
 
-    perc = PerceptibilityConfig(enabled=True)
+    perc = PerceptibilityTransform()
     meta = torch.device("meta")
     counts = {}
     for mode in ("off", "emulate"):
         t = TrainTransform(dataclasses.replace(FULL, capture_transform=mode), [0.5] * 3, [0.25] * 3, 0,
-                           num_classes=10, perceptibility=perc)
+                           num_classes=10, batch_transforms=[perc])
         with forced_sync_free(True), DeviceWork():
             for step in range(4):
                 x, labels, index, epoch, repeat = _inputs(64, 32, 32, step, meta)

@@ -23,7 +23,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import loaders.transforms
-from engine.config import DataConfig, PerceptibilityConfig
+from engine.config import DataConfig
+from loaders.transforms.perceptibility import PerceptibilityTransform
 from loaders.transforms import autoaugment_reference
 from loaders.transforms.autoaugment import (OP_NAMES, POLICIES, apply_ops, auto_augment, rand_augment,
                                             signed_values)
@@ -229,14 +230,14 @@ def test_multicrop_views_both_paths_equal(n, h, w):
 
 
 def _recipes():
-    both = PerceptibilityConfig(enabled=True, kind="both")
+    both = PerceptibilityTransform(kind="both")
     return [
         (DataConfig(auto_augment="cifar10", erasing_prob=0.5, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=1.0,
                     multicrop=True, local_crops=2), both),
         (DataConfig(auto_augment="svhn", erasing_prob=0.5, erasing_fill="pixel", cutmix_alpha=1.0, mix_prob=1.0),
-         PerceptibilityConfig(enabled=True, kind="translate", fill="mean")),
+         PerceptibilityTransform(kind="translate", fill="mean")),
         (DataConfig(auto_augment="imagenet", erasing_prob=0.5, erasing_fill="const", mixup_alpha=0.8, mix_prob=1.0),
-         PerceptibilityConfig(enabled=True, kind="scale")),
+         PerceptibilityTransform(kind="scale")),
         (DataConfig(auto_augment="rand", erasing_prob=0.25, mixup_alpha=0.8, cutmix_alpha=1.0, mix_prob=0.5), both),
         (DataConfig(auto_augment="cifar10", auto_augment_impl="reference", erasing_prob=0.25, mixup_alpha=1.0,
                     cutmix_alpha=1.0, mix_prob=1.0), both),
@@ -246,9 +247,9 @@ def _recipes():
 def _batch_tensors(batch) -> dict[str, torch.Tensor]:
     out = {"images": batch.images, "labels": batch.labels}
     out.update({f"p_{k}": v for k, v in batch.params.items()})
-    for name in ("soft_labels", "transformed"):
-        if getattr(batch, name) is not None:
-            out[name] = getattr(batch, name)
+    if batch.soft_labels is not None:
+        out["soft_labels"] = batch.soft_labels
+    out.update({f"v_{k}": v for k, v in batch.views.items()})
     out.update({f"crop{i}": c for i, c in enumerate(batch.crops or [])})
     return out
 
@@ -257,7 +258,8 @@ def _batch_tensors(batch) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("n,h,w", [(7, 32, 32), (64, 32, 32)])
 def test_train_transform_both_paths_equal(recipe, n, h, w):
     data, perc = _recipes()[recipe]
-    t = TrainTransform(data, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=3, num_classes=10, perceptibility=perc)
+    t = TrainTransform(data, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=3, num_classes=10,
+                       batch_transforms=[perc])
     x = _images(n, h, w, seed=7)
     labels = torch.arange(n) % 10
     with forced_sync_free(False):
@@ -284,7 +286,7 @@ def _recipe_batches(device, guard=None):
     """One batch of 7 (32 x 32) through each recipe's TrainTransform on `device`, after a warm-up batch (the
     statistics move to the device, the per-size tables are made); `guard` (a monkeypatch) guards the second."""
     transforms = [TrainTransform(data, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=3, num_classes=10,
-                                 perceptibility=perc) for data, perc in _recipes()]
+                                 batch_transforms=[perc]) for data, perc in _recipes()]
 
     def batch(t, offset):
         x = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8, device=device)
@@ -300,7 +302,8 @@ def _recipe_batches(device, guard=None):
 def test_sync_free_pipeline_makes_no_host_sync_on_cpu(monkeypatch):
     with forced_sync_free(True):
         batches = _recipe_batches(torch.device("cpu"), guard=monkeypatch)
-    assert len(batches) == len(_recipes()) and len(batches[0].crops) == 4 and batches[0].transformed is not None
+    assert len(batches) == len(_recipes()) and len(batches[0].crops) == 4
+    assert batches[0].views["transformed"] is not None
 
 
 def test_sub_batch_path_does_sync(monkeypatch):
@@ -352,7 +355,7 @@ def test_cuda_pipeline_makes_no_host_sync_on_a_real_gpu():
     and the batch draws the same parameters as on the CPU."""
     cuda = torch.device("cuda")
     transforms = [TrainTransform(data, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26], seed=3, num_classes=10,
-                                 perceptibility=perc) for data, perc in _recipes()]
+                                 batch_transforms=[perc]) for data, perc in _recipes()]
     x = _images(7, 32, 32, seed=9)
     index = torch.arange(100, 107)
     for t in transforms:

@@ -12,9 +12,9 @@ DINO's `backbone.` prefixes) and shape, never by position as B's finetune.py doe
 position embedding of another grid is resized with DINO's bicubic interpolation and reported as such.
 
 A reference repository's checkpoint loads the same way after its keys are renamed by the documented maps of
-engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding, C's drloc head, A's translation and
-scale heads; every renamed key is in the report). The auxiliary tasks' heads load too when the run has those tasks
-(`drloc.head.*`, `perceptibility.translate_head.*`, ...); a head the checkpoint lacks keeps its initialisation and
+engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding, C's and A's auxiliary-task heads;
+every renamed key is in the report). The auxiliary tasks' heads load too when the run has those tasks
+(`<task name>.<its state-dict key>`); a head the checkpoint lacks keeps its initialisation and
 is reported, never refused. A torch file that is a dict of entries is read at `model.finetune_key` (default
 'teacher'), else at the references' own entries 'model_state_dict' (A, D), 'model' (C), 'state_dict'.
 
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from engine.config import ConfigError, ModelConfig
+from engine.errors import ConfigError
 from engine.models.pos_embed import interpolate_pos_embed
 from engine.models.reference_names import translate_key
 
@@ -268,7 +268,7 @@ def _first(keys: list[str], n: int = 6) -> str:
     return str(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
 
 
-def load_finetune_weights(model: nn.Module, cfg: ModelConfig, out_dir: str | Path | None = None,
+def load_finetune_weights(model: nn.Module, cfg, out_dir: str | Path | None = None,  # cfg: the ModelConfig
                           is_main: bool = True, tasks: Optional[nn.ModuleList] = None) -> LoadReport:
     """The fine-tune start: resolve `cfg.finetune_from`, load by name into the model and the auxiliary tasks'
     heads (`tasks`: engine.tasks.build_tasks' list, or None), log the report and write it to

@@ -15,7 +15,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 class ModelOutput:
     """logits: (B, num_classes). tokens: (B, num_prefix + k*k, C) last block, before the final norm.
     num_prefix: leading non-patch tokens (CLS) in `tokens`. grid: k, the patch grid side.
-    features: (B, N, C) the tokens translation/scale perceptibility averages, when they differ from `tokens`
+    features: (B, N, C) the tokens a task that pools the last block averages, when they differ from `tokens`
     (Swin: the final-normed last stage, METHODS.md A); None means `tokens` (ViT, CaiT: all tokens incl. CLS,
     before the final norm)."""
     logits: torch.Tensor
@@ -31,7 +31,7 @@ class ModelOutput:
 
     @property
     def perception_tokens(self) -> torch.Tensor:
-        """(B, N, C) what translation/scale perceptibility averages over N."""
+        """(B, N, C) what a task pooling the last block averages over N (`features`, else `tokens`)."""
         return self.tokens if self.features is None else self.features
 
     def split(self, n: int) -> list["ModelOutput"]:

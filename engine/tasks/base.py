@@ -1,12 +1,22 @@
-"""The interface every auxiliary task follows (drloc, translation/scale perceptibility, ...).
+"""The interface every auxiliary task follows; engine/tasks/registry.py lists the tasks by name.
 
-The trainer runs the model once on the batch (plus any extra views a task asks for, batched into the same
-forward), then sums `TaskOutput.loss` over the enabled tasks. A task never special-cases the loop.
+A task class owns everything about its task, so nothing else names it:
+  Config            its config dataclass (the `tasks.<name>` section of the schema; an `enabled` field)
+  check             its value checks, as rows of engine.config.validate
+  build             the task module, from the whole config and the model's dims
+  batch_transform   the loader-side transform that writes its extra views and targets into each Batch (or None)
+  views             the names of the Batch.views its forward needs (written by its batch transform)
+  epochs            its say in how many epochs the loop runs (default: optim.epochs unchanged)
+  head, targets, loss, weight(epoch), peak_weight   its parts, called by its own compute()
+The trainer (engine/train_module.py) calls, per step: `extra_views(batch)` of every task, one forward over the
+images and all those views (task order), then `compute(outputs, batch, epoch, seed, weight)` of every task and
+sums the class loss and their `TaskOutput.loss`; the logs read `weight(epoch)` and `peak_weight()`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +35,47 @@ class TaskOutput:
 
 
 class AuxTask(nn.Module):
-    """Parts: `targets` (from the batch and the model output), `head` (an nn.Module), `loss`, `weight(epoch)`."""
+    """One auxiliary task (module docstring). Subclasses set `name`, `Config`, and implement build, weight,
+    peak_weight and compute; the rest has defaults."""
 
     name: str = "task"
+    Config: type = None                   # the dataclass of tasks.<name>; must have `enabled: bool = False`
+    views: tuple[str, ...] = ()           # Batch.views this task's forward needs, in order
 
-    def extra_views(self, batch: Batch) -> list[torch.Tensor]:
-        """Images (B, 3, H, W) this task needs the model to see beside batch.images (default: none)."""
+    # ------------------------------------------------------------------------------------ class-level hooks
+    @classmethod
+    def check(cls, section, cfg) -> list[tuple[str, bool, str]]:
+        """Value checks of `section` (this task's config) in the whole config `cfg`: [(dotted key, ok, why)],
+        raised by engine.config.validate as "<key>: <why> (got <value>)" for the first row not ok."""
         return []
+
+    @classmethod
+    def build(cls, cfg, embed_dim: int, grid: int) -> "AuxTask":
+        """The task for the whole config `cfg` (its section is cfg.tasks.<name>); embed_dim / grid: the model's
+        `embed_dim` (channels of ModelOutput.tokens) and `grid_size` (k)."""
+        raise NotImplementedError
+
+    @classmethod
+    def batch_transform(cls, section, data):
+        """The loader-side batch transform (a loaders.transforms.pipeline.BatchTransform) for this task's config
+        `section` and the data config, or None when the task needs nothing from the loader."""
+        return None
+
+    @classmethod
+    def epochs(cls, section, epochs: int) -> int:
+        """How many epochs the training loop runs, given the `epochs` decided so far (folded over every registered
+        task, enabled or not, by engine.tasks.effective_epochs)."""
+        return epochs
+
+    # ------------------------------------------------------------------------------------------ per step
+    def extra_views(self, batch: Batch) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) this task needs the model to see beside batch.images: batch.views[v] for v in
+        `views`."""
+        missing = [v for v in self.views if batch.views.get(v) is None]
+        if missing:
+            raise ValueError(f"tasks.{self.name} is enabled but the batch has no {', '.join(map(repr, missing))} "
+                             f"view (Batch.views): the loader's batch transform of this task did not run")
+        return [batch.views[v] for v in self.views]
 
     def weight(self, epoch: float) -> float:
         raise NotImplementedError
@@ -40,11 +84,15 @@ class AuxTask(nn.Module):
         """The weight the schedule ramps to (what a run that lasts long enough reaches)."""
         raise NotImplementedError
 
-    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
-        """outputs[0] is the pass on batch.images, outputs[1:] the passes on extra_views in order.
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0,
+                weight: Optional[torch.Tensor] = None) -> TaskOutput:
+        """outputs[0] is the pass on batch.images, outputs[1:] the passes on every task's extra views, in task
+        order (each task's in its `views` order).
 
         seed: an int that differs every step and rank (the loop's step seed); a task draws its random numbers
         as a pure function of it, so a resumed run draws what the uninterrupted one drew.
+        weight: this step's weight as a 0-dim device tensor (the static step fills it from weight(epoch) before
+        each replay), or None: use weight(epoch).
         """
         raise NotImplementedError
 

@@ -5,14 +5,20 @@ targets: per image m positions p_i and, independently, m positions p_j, uniform 
 head:    Linear(2C,512) ReLU Linear(512,512) ReLU Linear(512,2)   (l1)
          Linear(2C,512) ReLU Linear(512,512) ReLU Linear(512,512), then Linear(512,n) for rows and for cols
          (ce, cbr; n = k with use_abs, else 2k-1)
-loss:    l1 / ce / cbr from kernels.drloc_reference (the Triton twin is tested against it).
+loss:    l1 / ce / cbr of kernels.drloc_reference, through kernels.dispatch (pass_loss: the fused Triton head on
+         CUDA, tested against the reference).
 weight:  lambda(e) = lambda0*e/20 for e <= 20, then lambda0*(1 - (e-20)/(E-20)), E = optim.epochs; e is the
          integer epoch unless tasks.drloc.weight_per_step.
-compute: returns lambda(e) * mean over the passes it is given of L_drloc(pass) -- one pass normally, the clean and
-         the transformed pass when translation perceptibility runs too (METHODS.md: drloc applies to both).
-The loop's length: `effective_epochs(cfg)` (the reference's stop at epoch 101 of a 300-epoch schedule).
+compute: returns lambda(e) * mean over the passes it is given of L_drloc(pass) -- the clean pass, plus the pass on
+         each extra view another enabled task adds (METHODS.md: drloc applies to the clean and the transformed
+         image alike).
+The loop's length: `DrlocTask.epochs` (tasks.drloc.stop_at_101: the reference's stop at epoch 101 of a 300-epoch
+schedule), folded into engine.tasks.effective_epochs.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 from torch import nn
@@ -36,14 +42,19 @@ def drloc_weight(epoch: float, lambda0: float, total_epochs: int, ramp_epochs: i
     return max(0.0, lambda0 * (1.0 - (epoch - ramp_epochs) / (total_epochs - ramp_epochs)))
 
 
-def effective_epochs(cfg) -> int:
-    """How many epochs the training loop runs for `cfg` (a Config): optim.epochs, or at most 101 with
-    tasks.drloc.stop_at_101 (the reference loop), whether or not drloc itself is enabled -- the reference's
-    baseline runs stop there too. The LR schedule and lambda(e) keep optim.epochs as their horizon."""
-    epochs = cfg.optim.epochs
-    if cfg.tasks.drloc.stop_at_101:
-        return min(epochs, REFERENCE_STOP_EPOCH)
-    return epochs
+@dataclass
+class DrlocConfig:
+    """Dense relative localization (METHODS.md C): the tasks.drloc section."""
+    enabled: bool = False
+    mode: Literal["l1", "ce", "cbr"] = "l1"
+    use_abs: bool = True
+    pairs: int = 64                    # m: pairs sampled per image
+    lambda0: float = 0.1               # peak weight; ViT value unstated in the reference, 0.1 is our default
+    hidden: int = 512
+    stop_at_101: bool = False          # reproduce the reference loop that stops at epoch 101 of a 300-epoch schedule
+                                       # (DrlocTask.epochs: the loop's epoch count; LR and lambda stay scheduled
+                                       # over optim.epochs)
+    weight_per_step: bool = False      # False = reference: lambda from the integer epoch, constant within an epoch
 
 
 class DrlocHead(nn.Module):
@@ -75,6 +86,24 @@ class DrlocHead(nn.Module):
 
 class DrlocTask(AuxTask):
     name = "drloc"
+    Config = DrlocConfig
+
+    @classmethod
+    def check(cls, section: DrlocConfig, cfg) -> list[tuple[str, bool, str]]:
+        return [("tasks.drloc.pairs", section.pairs >= 1, "must be >= 1"),
+                ("tasks.drloc.lambda0", section.lambda0 >= 0, "must be >= 0"),
+                ("tasks.drloc.hidden", section.hidden >= 1, "must be >= 1")]
+
+    @classmethod
+    def build(cls, cfg, embed_dim: int, grid: int) -> "DrlocTask":
+        return cls(cfg.tasks.drloc, embed_dim, grid, cfg.optim.epochs, cfg.engine.kernels)
+
+    @classmethod
+    def epochs(cls, section: DrlocConfig, epochs: int) -> int:
+        """optim.epochs, or at most 101 with tasks.drloc.stop_at_101 (the reference loop), whether or not drloc
+        itself is enabled -- the reference's baseline runs stop there too. The LR schedule and lambda(e) keep
+        optim.epochs as their horizon."""
+        return min(epochs, REFERENCE_STOP_EPOCH) if section.stop_at_101 else epochs
 
     def __init__(self, cfg, embed_dim: int, grid: int, total_epochs: int, kernels: str = "auto"):
         """kernels: engine.kernels — 'auto' (Triton on CUDA when triton is installed, PyTorch elsewhere), 'triton'
@@ -101,26 +130,20 @@ class DrlocTask(AuxTask):
                                                 seed, out.tokens.device, self.kernels,
                                                 float_targets=self.cfg.mode == "l1")
 
-    def loss(self, pred: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        if self.cfg.mode == "l1":
-            return ref.l1_loss(pred[0], target)
-        if self.cfg.mode == "ce":
-            return ref.ce_loss(pred[0], pred[1], target)
-        return ref.cbr_loss(pred[0], pred[1], target)
-
     def pass_loss(self, out: ModelOutput, seed: int = 0) -> torch.Tensor:
         """Unweighted L_drloc of one pass: scalar (the fused Triton head on CUDA, the PyTorch reference elsewhere)."""
         p_i, p_j, target = self.targets(out, seed)
         return dispatch.drloc_pair_loss(out.patch_tokens, p_i, p_j, target, dispatch.HeadParams.from_module(self.head),
                                         self.cfg.mode, self.kernels)
 
-    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0,
+                weight: Optional[torch.Tensor] = None) -> TaskOutput:
         """loss = lambda(e) * mean over passes of L_drloc(pass); raw = that mean; metrics: per-pass losses.
         Pass v draws its pairs from seed*4 + v, so the two passes never share positions by construction. seed: a
         Python int or a 0-dim int64 device tensor (the graphed step's); the low 63 bits are kept with a mask, which
         gives the same value for both (an int64 tensor wraps at 2**64, and `% 2**63` on it would turn negative)."""
         per_pass = [self.pass_loss(out, (seed * 4 + v) & (2**63 - 1)) for v, out in enumerate(outputs)]
         raw = torch.stack(per_pass).mean()
-        w = self.weight(epoch)
+        w = self.weight(epoch) if weight is None else weight
         metrics = {f"pass{i}": loss.detach() for i, loss in enumerate(per_pass)} if len(per_pass) > 1 else {}
         return TaskOutput(loss=w * raw, raw=raw.detach(), weight=w, metrics=metrics)

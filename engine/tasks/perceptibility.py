@@ -1,8 +1,9 @@
 """Translation / scale perceptibility (METHODS.md A): from the clean and the transformed pass, predict where the
 transformed image was moved (and/or how much it was scaled).
 
-views:   [batch.transformed] -- T(x), made on the device after every other augmentation by
-         loaders/transforms/perceptibility.py, which also records the grid indices in batch.params.
+views:   [batch.views['transformed']] -- T(x), made on the device after every other augmentation by this task's
+         batch transform (loaders/transforms/perceptibility.py: PerceptibilityTransform), which also records the
+         grid indices in batch.params.
 targets: each drawn value min-max normalized over its 10-value grid: idx / 9 in {0, 1/9, ..., 1}.
          translate (B, 2) from params['translate_idx'] (dx, dy); scale (B, 1) from params['scale_idx'].
 features: mean over tokens of ModelOutput.perception_tokens (ViT/CaiT: all tokens incl. CLS of the last block
@@ -23,15 +24,35 @@ labels when mixup/cutmix ran (engine.tasks.base.class_ce). L1 = mean absolute er
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal, Optional
+
 import torch
 from torch import nn
 
 from engine.models import ModelOutput
 from engine.tasks.base import AuxTask, TaskOutput, class_ce, schedule_epoch
 from loaders.batch import Batch
+from loaders.transforms.perceptibility import GRID_STEPS, VIEW, PerceptibilityTransform
 
-GRID_STEPS = 10          # values per grid (linspace(-m, m, 10), linspace(s_min, s_max, 10))
 CUTOFF_FRACTION = 0.9    # lambda(e) = 0 in the last 10% of the schedule
+
+
+@dataclass
+class PerceptibilityConfig:
+    """Translation / scale perceptibility (METHODS.md A): the tasks.perceptibility section."""
+    enabled: bool = False
+    kind: Literal["translate", "scale", "both"] = "translate"
+    max_shift: float = 0.2             # m: dx, dy from linspace(-m, m, 10), fractions of width/height
+    scale_min: float = 0.5
+    scale_max: float = 1.5
+    fill: Literal["faithful", "mean"] = "faithful"  # faithful = 128.0 in normalized space (the reference quirk)
+    alpha: float = 0.4                 # weight of the CE on the transformed pass
+    init_weight: float = 1.2           # peak of lambda(e)
+    warmup_fraction: float = 0.2       # W = warmup_fraction * E
+    lambda_on_scale: bool = False      # 'both': the reference leaves lambda off the scale term; True puts it on
+    hidden: int = 384
+    weight_per_step: bool = False      # False = reference: lambda from the integer epoch, constant within an epoch
 
 
 def perceptibility_weight(epoch: float, init_weight: float, total_epochs: int, warmup_fraction: float = 0.2) -> float:
@@ -45,7 +66,8 @@ def perceptibility_weight(epoch: float, init_weight: float, total_epochs: int, w
 
 
 def grid_targets(index: torch.Tensor) -> torch.Tensor:
-    """Grid indices 0..9 (any shape, int) -> min-max normalized targets idx / 9 (float32, same shape)."""
+    """Grid indices 0..9 (any shape, int) -> min-max normalized targets idx / 9 (float32, same shape); GRID_STEPS
+    is the loader transform's, the one definition of the grids."""
     return index.to(torch.float32) / (GRID_STEPS - 1)
 
 
@@ -65,6 +87,27 @@ class PerceptibilityHead(nn.Module):
 
 class PerceptibilityTask(AuxTask):
     name = "perceptibility"
+    Config = PerceptibilityConfig
+    views = (VIEW,)
+
+    @classmethod
+    def check(cls, section: PerceptibilityConfig, cfg) -> list[tuple[str, bool, str]]:
+        return [("tasks.perceptibility.max_shift", 0 < section.max_shift < 1, "must be in (0, 1)"),
+                ("tasks.perceptibility.scale_min", 0 < section.scale_min < section.scale_max,
+                 "must be > 0 and < tasks.perceptibility.scale_max"),
+                ("tasks.perceptibility.alpha", section.alpha >= 0, "must be >= 0"),
+                ("tasks.perceptibility.init_weight", section.init_weight >= 0, "must be >= 0"),
+                ("tasks.perceptibility.warmup_fraction", 0 < section.warmup_fraction < 1, "must be in (0, 1)"),
+                ("tasks.perceptibility.hidden", section.hidden >= 1, "must be >= 1")]
+
+    @classmethod
+    def build(cls, cfg, embed_dim: int, grid: int) -> "PerceptibilityTask":
+        return cls(cfg.tasks.perceptibility, embed_dim, cfg.optim.epochs, cfg.optim.label_smoothing)
+
+    @classmethod
+    def batch_transform(cls, section: PerceptibilityConfig, data) -> PerceptibilityTransform:
+        """T(x) into Batch.views['transformed'] and its grid indices into Batch.params."""
+        return PerceptibilityTransform.from_config(section)
 
     def __init__(self, cfg, embed_dim: int, total_epochs: int, label_smoothing: float = 0.1):
         super().__init__()
@@ -76,12 +119,6 @@ class PerceptibilityTask(AuxTask):
         self.scale_head = PerceptibilityHead(2 * embed_dim, cfg.hidden) if cfg.kind != "translate" else None
 
     # ---------------------------------------------------------------------------------------------- parts
-    def extra_views(self, batch: Batch) -> list[torch.Tensor]:
-        if batch.transformed is None:
-            raise ValueError("tasks.perceptibility is enabled but the batch has no 'transformed' images: the "
-                             "loader's perceptibility transform (loaders/transforms/perceptibility.py) did not run")
-        return [batch.transformed]
-
     def weight(self, epoch: float) -> float:
         e = schedule_epoch(epoch, self.cfg.weight_per_step)
         return perceptibility_weight(e, self.cfg.init_weight, self.total_epochs, self.cfg.warmup_fraction)
@@ -126,18 +163,19 @@ class PerceptibilityTask(AuxTask):
         scale_weight = lam if self.cfg.lambda_on_scale else 1.0
         return (alpha * ce_transformed + scale_weight * l1["scale"] + lam * l1["translate"]) / 3
 
-    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0) -> TaskOutput:
-        """outputs[0]: the pass on batch.images; outputs[1]: the pass on batch.transformed.
+    def compute(self, outputs: list[ModelOutput], batch: Batch, epoch: float, seed: int = 0,
+                weight: Optional[torch.Tensor] = None) -> TaskOutput:
+        """outputs[0]: the pass on batch.images; outputs[1]: the pass on batch.views['transformed'].
         loss: the combination above; raw: the unweighted regression loss (sum of the L1 terms);
         metrics: ce_transformed, l1_translate / l1_scale."""
         if len(outputs) < 2:
-            raise ValueError("tasks.perceptibility needs the pass on batch.transformed as outputs[1]")
+            raise ValueError("tasks.perceptibility needs the pass on batch.views['transformed'] as outputs[1]")
         clean, moved = outputs[0], outputs[1]
         targets = self.targets(batch)
         preds = self.predict(self.latent(clean, moved))
         l1 = {key: (preds[key].float() - targets[key]).abs().mean() for key in targets}
         ce = class_ce(moved.logits, batch.labels, batch.soft_labels, self.label_smoothing)
-        lam = self.weight(epoch)
+        lam = self.weight(epoch) if weight is None else weight
         loss = self.combine(ce, l1, lam)
         raw = torch.stack(list(l1.values())).sum()
         metrics = {"ce_transformed": ce.detach(), **{f"l1_{k}": v.detach() for k, v in l1.items()}}

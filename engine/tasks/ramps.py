@@ -1,8 +1,8 @@
 """Whether a run lasts long enough for its auxiliary tasks' weight schedules to reach their peaks.
 
-The reference schedules ramp over a fixed number of epochs (drloc: 20; perceptibility: a fraction of optim.epochs):
-a short run (6 epochs of drloc) never gets past a small fraction of the peak weight. The loop logs each task's
-weight on every train line and warns once at the start when this check finds the run too short.
+The reference schedules ramp over a fixed number of epochs or a fraction of optim.epochs (each task's own weight):
+a short run (6 epochs of a 20-epoch ramp) never gets past a small fraction of the peak weight. The loop logs each
+task's weight on every train line and warns once at the start when this check finds the run too short.
 """
 from __future__ import annotations
 

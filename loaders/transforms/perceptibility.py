@@ -118,3 +118,31 @@ def translate_scale_reference(images: torch.Tensor, params: dict[str, torch.Tens
                              scale=s, shear=[0.0, 0.0], interpolation=InterpolationMode.NEAREST,
                              fill=[fill_value(fill)] * images.shape[1]))
     return torch.stack(out) if out else images.clone()
+
+
+VIEW = "transformed"   # the Batch.views entry T(x) goes into
+
+
+class PerceptibilityTransform:
+    """The pipeline's batch transform for translation / scale perceptibility (loaders.transforms.pipeline):
+    T(x) of the normalized, mixed batch into Batch.views['transformed'], its draws into Batch.params
+    ('translate', 'translate_idx', 'scale', 'scale_idx' as translate_scale() returns them).
+
+    kind, max_shift, scale_min, scale_max, fill: as translate_scale() takes them (the task's config keys)."""
+
+    def __init__(self, kind: str = "translate", max_shift: float = 0.2, scale_min: float = 0.5,
+                 scale_max: float = 1.5, fill: str | float = "faithful"):
+        self.kind, self.max_shift, self.fill = kind, max_shift, fill
+        self.scale_min, self.scale_max = scale_min, scale_max
+
+    @classmethod
+    def from_config(cls, cfg) -> "PerceptibilityTransform":
+        """From a config read by attribute (kind, max_shift, scale_min, scale_max, fill)."""
+        return cls(cfg.kind, cfg.max_shift, cfg.scale_min, cfg.scale_max, cfg.fill)
+
+    def __call__(self, images: torch.Tensor, keys: torch.Tensor
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """images (B, C, H, W) float, keys (B,) -> ({'transformed': T(images)}, params)."""
+        moved, params = translate_scale(images, keys, self.kind, self.max_shift, self.scale_min, self.scale_max,
+                                        self.fill)
+        return {VIEW: moved}, params

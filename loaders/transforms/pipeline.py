@@ -10,8 +10,8 @@ Normalize, RandomErasing per image in the DataLoader; then Mixup/CutMix on the b
 policy on the mixed batch):
     uint8:  pad-crop (slots 0-1) -> flip (slot 2) -> AutoAugment / RandAugment (slots 8-12 / 16-23); the
             policies' ops by data.auto_augment_impl: the references' PIL port or torchvision's
-    float:  normalize -> random erasing (slots 64-464) -> Mixup/CutMix (batch key) -> perceptibility T (200-202)
-            -> cast to the model dtype / memory format -> Batch
+    float:  normalize -> random erasing (slots 64-464) -> Mixup/CutMix (batch key) -> the auxiliary tasks' batch
+            transforms, in order (slots >= 200) -> cast to the model dtype / memory format -> Batch
 Crop and flip commute in distribution with each other, so their order among themselves does not matter; erasing
 comes before mixing as in the reference (erasing after mixing would erase both mixed images' content at once).
 DINO multi-crop views (optional) are cut from the decoded uint8 images before any of the above, into Batch.crops.
@@ -20,13 +20,18 @@ Launches: the keys are a few fused hash ops (loaders.transforms.rng), made per b
 everything after them is one body of tensors in, tensors out, which on CUDA is captured as a CUDA graph per batch
 shape and replayed (loaders.transforms.captured; data.capture_transform), with outputs bit-equal to the eager call.
 
+Batch transforms: the auxiliary tasks' loader side, built by each task (engine.tasks) and passed in as a list; the
+pipeline calls every one alike, `transform(x, keys) -> (views, params)`, on the normalized, mixed float batch x
+(B, 3, H, W) with the per-sample keys (B,): `views` {name: (B, 3, H, W)} go into Batch.views (cast to the model's
+dtype / layout), `params` {name: (B, ...)} into Batch.params. A transform draws from its own key slots.
+
 Repeated augmentation: an epoch of the plan holds each sample `repeats` times; the loader passes each sample's
 repeat number (0..repeats-1) and it is hashed into the keys, so every repeat draws fresh augmentation. Repeat 0
 keeps the plain (seed, epoch, index) keys.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,7 +42,6 @@ from loaders.transforms.captured import CapturedTransform
 from loaders.transforms.basic import normalize, random_crop, random_flip
 from loaders.transforms.erasing import random_erase
 from loaders.transforms.mixing import mix_batch
-from loaders.transforms.perceptibility import translate_scale
 from loaders.transforms.rng import keys_for, repeat_keys  # noqa: F401  (repeat_keys re-exported)
 
 MIX_VIEW = 0x4D4958          # the batch key's view: separate from every per-sample stream
@@ -79,18 +83,17 @@ class TrainTransform(EvalTransform):
     seed: run seed (keys are (seed, epoch, index, repeat)).
     num_classes: needed when mixing is on (soft labels (B, num_classes)).
     label_smoothing: folded into the soft labels when mixing is on (the engine's optim.label_smoothing).
-    perceptibility: the tasks.perceptibility config (attributes enabled, kind, max_shift, scale_min, scale_max,
-          fill) or None; when enabled, Batch.transformed = T(images) and Batch.params holds its targets.
+    batch_transforms: the auxiliary tasks' batch transforms (module docstring), called in order; () for none.
     """
 
     def __init__(self, data, mean, std, seed: int, dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 num_classes: int = 0, label_smoothing: float = 0.1, perceptibility=None):
+                 num_classes: int = 0, label_smoothing: float = 0.1, batch_transforms: Sequence = ()):
         super().__init__(mean, std, dtype, channels_last)
         self.data = data
         self.seed = seed
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
-        self.perceptibility = perceptibility if perceptibility is not None and perceptibility.enabled else None
+        self.batch_transforms = list(batch_transforms)
         self.mixing = data.mixup_alpha > 0 or data.cutmix_alpha > 0
         if self.mixing and num_classes <= 0:
             raise ValueError("data.mixup_alpha/cutmix_alpha: mixing needs the number of classes (soft labels)")
@@ -140,8 +143,8 @@ class TrainTransform(EvalTransform):
 
     def _finish_tensors(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor,
                         batch_key: torch.Tensor, params: dict) -> dict[str, torch.Tensor]:
-        """The batch stage (normalize, erase, mix, perceptibility, layout) as a flat dict: 'images', optional
-        'soft_labels' and 'transformed', and 'p_<name>' for each params entry (`params` first, in order)."""
+        """The batch stage (normalize, erase, mix, batch transforms, layout) as a flat dict: 'images', optional
+        'soft_labels', 'v_<name>' for each view and 'p_<name>' for each params entry (`params` first, in order)."""
         d = self.data
         x = normalize(images, self.mean, self.std, torch.float32)
         if d.erasing_prob > 0:
@@ -152,11 +155,10 @@ class TrainTransform(EvalTransform):
             x, out["soft_labels"], mix = mix_batch(x, labels, batch_key, self.num_classes, d.mixup_alpha,
                                                    d.cutmix_alpha, d.mix_prob, 0.5, self.label_smoothing)
             params.update(mix)
-        if self.perceptibility is not None:
-            p = self.perceptibility
-            transformed, tparams = translate_scale(x, keys, p.kind, p.max_shift, p.scale_min, p.scale_max, p.fill)
+        for transform in self.batch_transforms:
+            views, tparams = transform(x, keys)
             params.update(tparams)
-            out["transformed"] = self.layout(transformed)
+            out.update({f"v_{name}": self.layout(view) for name, view in views.items()})
         out["images"] = self.layout(x)
         out.update({f"p_{k}": v for k, v in params.items()})
         return out
@@ -181,12 +183,13 @@ class TrainTransform(EvalTransform):
                crops: Optional[list] = None) -> Batch:
         views = [out[f"crop{i}"] for i in range(sum(k.startswith("crop") for k in out))]
         params = {**params, **{k[2:]: v for k, v in out.items() if k.startswith("p_")}}
+        extra = {k[2:]: v for k, v in out.items() if k.startswith("v_")}
         return Batch(images=out["images"], labels=labels, index=index, soft_labels=out.get("soft_labels"),
-                     params=params, transformed=out.get("transformed"), crops=views or crops)
+                     params=params, views=extra, crops=views or crops)
 
     def finish(self, images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
                batch_key: torch.Tensor, params: Optional[dict] = None, crops: Optional[list] = None) -> Batch:
-        """The batch stage on augmented uint8 images: normalize, erase, mix, perceptibility, layout (captured on
+        """The batch stage on augmented uint8 images: normalize, erase, mix, batch transforms, layout (captured on
         CUDA: loaders.transforms.captured). `params` (the uint8 stage's draws) lead Batch.params."""
         self._stats_on(images.device)
         labels = labels.to(torch.int64)

@@ -152,9 +152,10 @@ def inject_nonfinite(monkeypatch, nan_step=None, inf_step=None, at_step=None) ->
     """In engine.train's loop, make the class loss NaN at global step `nan_step` and its gradient Inf at `inf_step`
     (1-based, as logged). `at_step(step)`, if given, is called at the start of every step (1-based)."""
     import engine.train as train_module
+    import engine.train_module as module_of_train   # where TrainModule looks class_ce up
 
     current = {"step": 0}
-    real_ce, real_seed = train_module.class_ce, train_module.step_seed
+    real_ce, real_seed = module_of_train.class_ce, train_module.step_seed
 
     def step_seed(seed, global_step, rank):
         current["step"] = global_step + 1
@@ -171,4 +172,4 @@ def inject_nonfinite(monkeypatch, nan_step=None, inf_step=None, at_step=None) ->
         return out
 
     monkeypatch.setattr(train_module, "step_seed", step_seed)
-    monkeypatch.setattr(train_module, "class_ce", class_ce)
+    monkeypatch.setattr(module_of_train, "class_ce", class_ce)

@@ -26,7 +26,8 @@ def build_engine(zero_stage: int = 0):
     from engine.config import config_from_dict
     from engine.models import create_model
     from engine.runtime import deepspeed_config, init_runtime
-    from engine.train import TrainModule, param_groups
+    from engine.train import param_groups
+    from engine.train_module import TrainModule
 
     rt = init_runtime("cpu")
     cfg = config_from_dict({}, ["data.batch_size=4", "engine.precision=fp32", f"engine.zero_stage={zero_stage}"])

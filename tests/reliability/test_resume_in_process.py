@@ -173,7 +173,8 @@ def test_item13_bf16_inf_gradient_detected_and_skipped(zero_stage):
     from engine.grad_check import GradientCheck, discard_gradients
     from engine.models import create_model
     from engine.runtime import init_runtime
-    from engine.train import TrainModule, param_groups
+    from engine.train import param_groups
+    from engine.train_module import TrainModule
     from loaders.batch import Batch
 
     init_runtime("cpu")

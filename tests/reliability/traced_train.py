@@ -32,18 +32,19 @@ def _digest(t) -> str:
 @contextlib.contextmanager
 def tracing(out_dir: str | Path):
     import engine.train as train_module
+    from engine.train_module import TrainModule
 
     state: dict = {"step": None, "rank": 0, "fh": None}
     signals = {signal.SIGKILL: int(os.environ.get("RELIABILITY_KILL_AT_STEP", "0")),
                signal.SIGTERM: int(os.environ.get("RELIABILITY_TERM_AT_STEP", "0"))}
-    real_seed, real_forward = train_module.step_seed, train_module.TrainModule.forward
+    real_seed, real_forward = train_module.step_seed, TrainModule.forward
 
     def step_seed(seed, global_step, rank):
         state["step"], state["rank"] = global_step + 1, rank   # the step number the loop logs for this step
         return real_seed(seed, global_step, rank)
 
-    def forward(self, batch, epoch, seed=0):
-        loss, parts = real_forward(self, batch, epoch, seed)
+    def forward(self, batch, epoch, seed=0, **kwargs):
+        loss, parts = real_forward(self, batch, epoch, seed, **kwargs)
         if state["fh"] is None:
             folder = Path(out_dir) / "trace"
             folder.mkdir(parents=True, exist_ok=True)
@@ -57,11 +58,11 @@ def tracing(out_dir: str | Path):
                 os.kill(os.getpid(), sig)
         return loss, parts
 
-    train_module.step_seed, train_module.TrainModule.forward = step_seed, forward
+    train_module.step_seed, TrainModule.forward = step_seed, forward
     try:
         yield
     finally:
-        train_module.step_seed, train_module.TrainModule.forward = real_seed, real_forward
+        train_module.step_seed, TrainModule.forward = real_seed, real_forward
         if state["fh"] is not None:
             state["fh"].close()
 
