@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch", type=int, default=None,
-                    help="images per step (default 1024 on CUDA, the issue's size; 256 on the CPU, to stay quick)")
+                    help="images per step (default 1024 on CUDA; 256 on the CPU, to stay quick)")
     ap.add_argument("--grid", type=int, default=8, help="k: the patch grid side (CIFAR ViT: 32/4 = 8)")
     ap.add_argument("--dim", type=int, default=192, help="C: token channels")
     ap.add_argument("--pairs", type=int, default=64, help="m: pairs per image")

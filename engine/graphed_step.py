@@ -1,38 +1,16 @@
-"""The supervised training step on static buffers, so that it can be captured as one CUDA graph and replayed for
-every batch inside the DeepSpeed loop of engine/train.py (config key engine.graph_step).
+"""The supervised step on static buffers, captured once as a CUDA graph and replayed (config engine.graph_step).
 
     off      DeepSpeed's step (engine(batch), engine.backward, engine.step): the default.
-    on       capture: the first WARMUP_STEPS steps run eagerly on a side stream, the next one is captured with
-             torch.cuda.graph, and every step from then on is one `graph.replay()` (PyTorch's whole-network
-             capture recipe: static inputs, warm-up on a side stream, grads set to None before capture so the
-             captured backward owns them, a capturable optimizer).
+    on       WARMUP_STEPS eager steps on a side stream, one captured with torch.cuda.graph, then `graph.replay()`.
     auto     'on' where it can run (a CUDA device and a capturable config), else DeepSpeed's step.
-    emulate  the same static-buffer step run eagerly, without capture, on any device: what the CPU tests run.
-A config whose step cannot run this way falls back to DeepSpeed's step and logs one line, "graphed step off:
-<reason>" (see `config_fallback_reason` and `engine_fallback_reason`).
+    emulate  the same static-buffer step run eagerly on any device: what the CPU tests compare with DeepSpeed's.
+A config that cannot run this way falls back to DeepSpeed's step with one log line, "graphed step off: <reason>".
 
-One step (`StaticStepRunner.step`), every tensor it reads or writes allocated before capture:
-  the loader's Batch      -> copied in place into static buffers (every tensor field, every extra view, every
-                             params target), checked to have the captured shapes and dtypes;
-  the step's host numbers -> filled into device scalars: LR, step seed (a task's random draws are hashed from it
-                             on the device), each task's weight lambda(e), the global step number;
-  forward (class loss + every auxiliary task, i.e. TrainModule, given the weight scalars) -> backward -> total gradient
-  norm (DeepSpeed's clip_grad_norm_ formula) -> clipping -> AdamW with the LR tensor, its update skipped on the
-  device when the loss or a gradient is not finite -> loss, logged parts and the non-finite count summed into
-  device buffers.
-Nothing in a step syncs with the host: the loop calls `read()` (one device-to-host copy) every run.log_every
-steps, at the end of an epoch and before a checkpoint.
-
-DeepSpeed stays in charge of launch, process groups, config and checkpoints. With ZeRO 0 its engine holds our module
-and our torch AdamW unwrapped; the runner calls both directly and advances the engine's step and sample counters as
-engine.step() does, so checkpoint.save(engine, ...) writes the same files and a checkpoint resumes on either path.
-More than one rank falls back: DeepSpeed's step all-reduces the gradients, and an all-reduce inside a captured graph
-needs NCCL >= 2.9.6 with its own warm-up and settings that no test here can exercise (no GPU); one rank is the
-configuration of the issue's speed targets.
-
-Dropout / drop-path: the loop seeds torch with the step seed before every step, as on DeepSpeed's path; a replay
-reads the CUDA generator's seed and offset at replay time (graph-safe Philox state), so the captured kernels draw
-per step, and the emulated path draws exactly what DeepSpeed's path draws (tests/test_graphed_step.py).
+A step: the Batch is copied in place into static buffers (every tensor field and view, shapes checked); LR, step
+seed, task weights (weights=) and step number go into device scalars; TrainModule forward -> backward -> global
+norm clip -> AdamW skipping a non-finite update on the device -> loss parts summed on the device, read by
+`read()` every run.log_every steps. DeepSpeed keeps launch, config and checkpoints (docs/design.md, "The static
+step"); more than one rank falls back, since no test here can exercise an all-reduce inside a captured graph.
 """
 from __future__ import annotations
 
