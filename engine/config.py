@@ -69,6 +69,31 @@ class DataConfig:
     global_crop_scale: tuple = (0.7, 1.0)  # RandomResizedCrop area fractions; (0.5, 1.0) for Tiny-ImageNet
     local_crop_scale: tuple = (0.2, 0.5)   # (0.2, 0.4) for Tiny-ImageNet
 
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """Value checks types cannot express: [(dotted key, ok, why)], raised by validate()."""
+        return [
+            ("data.image_size", self.image_size > 0, "must be > 0"),
+            ("data.batch_size", self.batch_size > 0, "must be > 0"),
+            ("data.eval_batch_size", self.eval_batch_size > 0, "must be > 0"),
+            ("data.num_workers", self.num_workers >= 0, "must be >= 0"),
+            ("data.repeats", self.repeats >= 1, "must be >= 1"),
+            ("data.crop_padding", self.crop_padding >= 0, "must be >= 0"),
+            ("data.resident_max_fraction", 0 < self.resident_max_fraction <= 1, "must be in (0, 1]"),
+            ("data.mix_prob", 0 <= self.mix_prob <= 1, "must be in [0, 1]"),
+            ("data.erasing_prob", 0 <= self.erasing_prob <= 1, "must be in [0, 1]"),
+            ("data.auto_augment_impl", not (self.auto_augment == "rand" and self.auto_augment_impl == "reference"),
+             "the references' port has no RandAugment: data.auto_augment=rand needs data.auto_augment_impl="
+             "torchvision"),
+            ("data.rand_augment_ops", self.rand_augment_ops >= 1, "must be >= 1"),
+            ("data.rand_augment_magnitude", 0 <= self.rand_augment_magnitude <= 30, "must be in 0..30"),
+            ("data.local_crops", self.local_crops >= 0, "must be >= 0"),
+            ("data.global_crop_scale", len(self.global_crop_scale) == 2
+              and 0 < self.global_crop_scale[0] <= self.global_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
+            ("data.local_crop_scale", len(self.local_crop_scale) == 2
+              and 0 < self.local_crop_scale[0] <= self.local_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
+            ("data.val_fraction", 0 <= self.val_fraction < 1, "must be in [0, 1) (0 = no validation split)"),
+        ]
+
 
 @dataclass
 class ModelConfig:
@@ -101,6 +126,17 @@ class ModelConfig:
                                        # file itself), as DINO's checkpoints keep 'teacher' and 'student'
     finetune_strict: bool = True       # refuse to start when a backbone key (anything but the classifier) is
                                        # missing or mismatched; nothing loaded at all is refused either way
+
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """Value checks types cannot express: [(dotted key, ok, why)], raised by validate()."""
+        return [
+            ("model.num_classes", self.num_classes >= 0, "must be >= 0"),
+            ("model.drop_path", 0 <= self.drop_path < 1, "must be in [0, 1)"),
+            ("model.depth", self.depth >= 0, "must be >= 0 (0 = the model's default)"),
+            ("model.embed_dim", self.embed_dim >= 0, "must be >= 0 (0 = the model's default)"),
+            ("model.num_heads", self.num_heads >= 0, "must be >= 0 (0 = the model's default)"),
+            ("model.norm_eps", 0 <= self.norm_eps < 1, "must be in [0, 1) (0 = the model's reference)"),
+        ]
 
 
 # The `tasks` section: one sub-section per registered auxiliary task (engine/tasks/registry.py), each the task's
@@ -147,6 +183,19 @@ class OptimConfig:
                                        # chunks, each run forward+backward, one optimizer step (engine/supervised_step.py)
     label_smoothing: float = 0.1
 
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """Value checks types cannot express: [(dotted key, ok, why)], raised by validate()."""
+        return [
+            ("optim.epochs", self.epochs >= 1, "must be >= 1"),
+            ("optim.lr", self.lr > 0, "must be > 0"),
+            ("optim.min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, optim.lr]"),
+            ("optim.weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("optim.warmup_epochs", 0 <= self.warmup_epochs <= self.epochs, "must be in [0, optim.epochs]"),
+            ("optim.clip_grad", self.clip_grad >= 0, "must be >= 0"),
+            ("optim.accumulation_steps", self.accumulation_steps >= 1, "must be >= 1"),
+            ("optim.label_smoothing", 0 <= self.label_smoothing < 1, "must be in [0, 1)"),
+        ]
+
 
 @dataclass
 class EngineConfig:
@@ -180,6 +229,17 @@ class RunConfig:
     max_steps: int = 0                 # stop after this many optimizer steps (0 = run all epochs); for tests/bench
     checkpoint_every_steps: int = 0    # also checkpoint every this many optimizer steps, mid-epoch too (0 = off)
     keep_last: int = 2                 # step checkpoints kept, newest first (0 = all); checkpoints/best/ is extra
+
+    def checks(self) -> list[tuple[str, bool, str]]:
+        """Value checks types cannot express: [(dotted key, ok, why)], raised by validate()."""
+        return [
+            ("run.eval_every", self.eval_every >= 1, "must be >= 1"),
+            ("run.checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
+            ("run.log_every", self.log_every >= 1, "must be >= 1"),
+            ("run.max_steps", self.max_steps >= 0, "must be >= 0"),
+            ("run.checkpoint_every_steps", self.checkpoint_every_steps >= 0, "must be >= 0"),
+            ("run.keep_last", self.keep_last >= 0, "must be >= 0 (0 = keep every checkpoint)"),
+        ]
 
 
 @dataclass
@@ -400,52 +460,12 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that types alone cannot express."""
-    checks = [
-        ("data.image_size", cfg.data.image_size > 0, "must be > 0"),
-        ("data.batch_size", cfg.data.batch_size > 0, "must be > 0"),
-        ("data.eval_batch_size", cfg.data.eval_batch_size > 0, "must be > 0"),
-        ("data.num_workers", cfg.data.num_workers >= 0, "must be >= 0"),
-        ("data.repeats", cfg.data.repeats >= 1, "must be >= 1"),
-        ("data.crop_padding", cfg.data.crop_padding >= 0, "must be >= 0"),
-        ("data.resident_max_fraction", 0 < cfg.data.resident_max_fraction <= 1, "must be in (0, 1]"),
-        ("data.mix_prob", 0 <= cfg.data.mix_prob <= 1, "must be in [0, 1]"),
-        ("data.erasing_prob", 0 <= cfg.data.erasing_prob <= 1, "must be in [0, 1]"),
-        ("data.auto_augment_impl", not (cfg.data.auto_augment == "rand" and cfg.data.auto_augment_impl == "reference"),
-         "the references' port has no RandAugment: data.auto_augment=rand needs data.auto_augment_impl=torchvision"),
-        ("data.rand_augment_ops", cfg.data.rand_augment_ops >= 1, "must be >= 1"),
-        ("data.rand_augment_magnitude", 0 <= cfg.data.rand_augment_magnitude <= 30, "must be in 0..30"),
-        ("data.local_crops", cfg.data.local_crops >= 0, "must be >= 0"),
-        ("data.global_crop_scale", len(cfg.data.global_crop_scale) == 2
-         and 0 < cfg.data.global_crop_scale[0] <= cfg.data.global_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
-        ("data.local_crop_scale", len(cfg.data.local_crop_scale) == 2
-         and 0 < cfg.data.local_crop_scale[0] <= cfg.data.local_crop_scale[1] <= 1, "must be (lo, hi) in (0, 1]"),
-        ("model.num_classes", cfg.model.num_classes >= 0, "must be >= 0"),
-        ("model.drop_path", 0 <= cfg.model.drop_path < 1, "must be in [0, 1)"),
-        ("model.depth", cfg.model.depth >= 0, "must be >= 0 (0 = the model's default)"),
-        ("model.embed_dim", cfg.model.embed_dim >= 0, "must be >= 0 (0 = the model's default)"),
-        ("model.num_heads", cfg.model.num_heads >= 0, "must be >= 0 (0 = the model's default)"),
-        ("model.norm_eps", 0 <= cfg.model.norm_eps < 1, "must be in [0, 1) (0 = the model's reference)"),
-    ]
+    """Value checks that types alone cannot express: each section's own rows (its `checks()`, each task's
+    `check`), then the few that read across sections."""
+    checks = [*cfg.data.checks(), *cfg.model.checks()]
     for name, task in task_registry.registered().items():   # each task checks its own section
         checks += task.check(getattr(cfg.tasks, name), cfg)
-    checks += [
-        ("optim.epochs", cfg.optim.epochs >= 1, "must be >= 1"),
-        ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
-        ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, "must be in [0, optim.lr]"),
-        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
-        ("optim.warmup_epochs", 0 <= cfg.optim.warmup_epochs <= cfg.optim.epochs, "must be in [0, optim.epochs]"),
-        ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0"),
-        ("optim.accumulation_steps", cfg.optim.accumulation_steps >= 1, "must be >= 1"),
-        ("optim.label_smoothing", 0 <= cfg.optim.label_smoothing < 1, "must be in [0, 1)"),
-        ("run.eval_every", cfg.run.eval_every >= 1, "must be >= 1"),
-        ("run.checkpoint_every", cfg.run.checkpoint_every >= 1, "must be >= 1"),
-        ("run.log_every", cfg.run.log_every >= 1, "must be >= 1"),
-        ("run.max_steps", cfg.run.max_steps >= 0, "must be >= 0"),
-        ("run.checkpoint_every_steps", cfg.run.checkpoint_every_steps >= 0, "must be >= 0"),
-        ("run.keep_last", cfg.run.keep_last >= 0, "must be >= 0 (0 = keep every checkpoint)"),
-        ("data.val_fraction", 0 <= cfg.data.val_fraction < 1, "must be in [0, 1) (0 = no validation split)"),
-    ]
+    checks += [*cfg.optim.checks(), *cfg.run.checks()]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why} (got {_lookup(cfg, key)!r})")

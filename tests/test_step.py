@@ -439,7 +439,7 @@ def test_default_pretraining_step_makes_no_host_sync_between_log_points_on_fake_
             c = crops()
             with fc.no_step_sync() if s else contextlib.nullcontext():
                 assert step.step(c, 0, 0.996, s == 0, s, report=pytest.fail)
-        assert {t.device for t in (step.halted, step.nonfinite, loss_fn.center, *teacher.parameters())} == {fc.CUDA}
+        assert {t.device for t in (step.halted, step.bad_steps.nonfinite, loss_fn.center, *teacher.parameters())} == {fc.CUDA}
         checked = DINOStep(_StandInEngine(student, optimizer), optimizer, teacher, loss_fn,
                            student.head.last_layer_parameters(), fc.CUDA, torch.bfloat16, fail_on_nonfinite=False,
                            clip_per_param=3.0, grad_check=None)

@@ -209,17 +209,14 @@ def test_pretraining_refuses_any_enabled_task(toy):
 PATTERNS = {"drloc": r"drloc", "perceptibility": r"perceptib"}
 KERNELS = {"kernels/__init__.py", "kernels/counter_hash_triton.py", "kernels/dispatch.py", "kernels/drloc_head.py",
            "kernels/drloc_reference.py", "kernels/drloc_triton.py", "kernels/triton_runtime.py"}
-# reference_names.py renames the reference repositories' checkpoint keys of these heads (C's drloc, A's heads) into
-# ours: what those repositories called them, which no task module can know the loader of models by.
-REFERENCE_KEYS = {"engine/models/reference_names.py"}
 ALLOWED = {
-    "drloc": {"engine/tasks/drloc.py", "engine/tasks/registry.py", *KERNELS, *REFERENCE_KEYS,
+    "drloc": {"engine/tasks/drloc.py", "engine/tasks/registry.py", *KERNELS,
               "bench/heads.py",         # the drloc head's benchmark (its kernels)
               "bench/__main__.py",      # the line that describes that benchmark
               "bench/train.py",         # the full training step of the recipe with both tasks, and the reference's
               "bench/gpu_check.py"},    # runs the drloc kernel tests, the heads bench and the drloc recipe on a GPU
     "perceptibility": {"engine/tasks/perceptibility.py", "loaders/transforms/perceptibility.py",
-                       "engine/tasks/registry.py", *REFERENCE_KEYS,
+                       "engine/tasks/registry.py",
                        "bench/loaders.py",  # the data path's benchmark includes the translation transform
                        "bench/train.py"},   # the full training step of the recipe with both tasks
 }

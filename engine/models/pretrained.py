@@ -12,7 +12,8 @@ DINO's `backbone.` prefixes) and shape, never by position as B's finetune.py doe
 position embedding of another grid is resized with DINO's bicubic interpolation and reported as such.
 
 A reference repository's checkpoint loads the same way after its keys are renamed by the documented maps of
-engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding, C's and A's auxiliary-task heads;
+engine/models/reference_names.py (D's ViT and CaiT, B's CaiT patch embedding) and of each task's
+AuxTask.reference_rules (C's and A's auxiliary-task heads;
 every renamed key is in the report). The auxiliary tasks' heads load too when the run has those tasks
 (`<task name>.<its state-dict key>`); a head the checkpoint lacks keeps its initialisation and
 is reported, never refused. A torch file that is a dict of entries is read at `model.finetune_key` (default
@@ -225,10 +226,11 @@ def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], inte
     when `interpolate_pos`; return what did and did not load."""
     heads = heads or {}
     own = _with_heads(model, heads)
+    head_rules = [rule for head in heads.values() for rule in getattr(head, "reference_rules", ())]
     report = LoadReport(classifier=classifier_keys(model))
     usable, mismatched = {}, set()
     for theirs, value in state.items():
-        key, rule = translate_key(theirs)
+        key, rule = translate_key(theirs, head_rules)
         if key not in own:
             report.unexpected.append(theirs)
             continue

@@ -20,19 +20,14 @@ D (SPT_LSA_ViT, models/vit.py and models/cait.py; `to_*`, `transformer`, `mlp_he
     mlp_head.0 / mlp_head.1                     -> norm / head
 B (vits-for-small-scale-datasets): its CaiT's patch embedding, Rearrange + Linear:
     patch_embed.1.weight (dim, p*p*3)           -> patch_embed.proj.weight (dim, 3, p, p), re-laid out
-C (VTs-Drloc), the drloc head (C's single-scale `drloc` ModuleList, or a bare `drloc` module):
-    drloc.0.{layers,unshared}.* | drloc.{layers,unshared}.*  -> drloc.head.{layers,unshared}.*
-A (Train_ViT_Translation_Perceptibility, models/Auxiliary_sep.py: LayerNorm + Mlp(fc1, fc2) per quantity):
-    mlp_head_trans.0.* / .1.fc1.* / .1.fc2.*    -> perceptibility.translate_head.norm / fc1 / fc2
-    mlp_head_scale.0.* / .1.fc1.* / .1.fc2.*    -> perceptibility.scale_head.norm / fc1 / fc2
-
-`drloc.*` and `perceptibility.*` are the auxiliary tasks' heads (engine.tasks: `<task.name>.<its state-dict key>`).
+An auxiliary task's head keys are renamed by the rules its task class lists (AuxTask.reference_rules: C's and A's
+task heads), passed in with the heads: `translate_key(key, extra_rules)`.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -102,18 +97,13 @@ RULES: tuple[Rule, ...] = (
     # B's CaiT patch embedding
     Rule("B", r"patch_embed\.1\.weight", "patch_embed.proj.weight", linear_to_patch_conv),
     Rule("B", r"patch_embed\.1\.bias", "patch_embed.proj.bias"),
-    # C's drloc head
-    Rule("C", r"drloc\.(?:0\.)?(layers|unshared)\.(\d+)\.(weight|bias)", r"drloc.head.\1.\2.\3"),
-    # A's translation / scale heads
-    *[rule for theirs, ours in (("trans", "translate_head"), ("scale", "scale_head"))
-      for rule in (Rule("A", rf"mlp_head_{theirs}\.0\.(weight|bias)", rf"perceptibility.{ours}.norm.\1"),
-                   Rule("A", rf"mlp_head_{theirs}\.1\.(fc1|fc2)\.(weight|bias)", rf"perceptibility.{ours}.\1.\2"))],
 )
 
 
-def translate_key(key: str) -> tuple[str, Optional[Rule]]:
-    """(our name for `key`, the rule that renamed it or None when it keeps its name)."""
-    for rule in RULES:
+def translate_key(key: str, extra_rules: Sequence[Rule] = ()) -> tuple[str, Optional[Rule]]:
+    """(our name for `key`, the rule that renamed it or None when it keeps its name); `extra_rules` (the auxiliary
+    tasks' AuxTask.reference_rules) are tried after the models' RULES."""
+    for rule in (*RULES, *extra_rules):
         renamed = rule.rename(key)
         if renamed is not None:
             return renamed, rule

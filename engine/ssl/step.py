@@ -19,6 +19,7 @@ from typing import Callable, Optional
 import torch
 
 from engine.grad_check import discard_gradients
+from engine.loss_window import NonFiniteSteps
 from engine.precision import autocast
 from engine.ssl.updates import clip_per_parameter, ema_update
 from engine.supervised_step import global_grad_norm
@@ -40,9 +41,7 @@ class DINOStep:
         self.grad_check = grad_check   # GradientCheck over the student (host check only)
         self.student_params = [p for p in engine.module.parameters() if p.requires_grad]
         self.halted = torch.zeros((), dtype=torch.bool, device=device)
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
-        self.first_bad_is_grad = torch.zeros((), dtype=torch.int64, device=device)
+        self.bad_steps = NonFiniteSteps(device)   # device skip: the steps skipped since the last read
         self.loss: Optional[torch.Tensor] = None           # the last step's loss (device), for the log line
         self.teacher_out: Optional[torch.Tensor] = None    # the last step's teacher logits, for the monitors
 
@@ -68,11 +67,8 @@ class DINOStep:
         if self.device_skip:   # before clipping: a NaN gradient's norm could be scaled into a finite one
             grads = [p.grad for p in self.student_params if p.grad is not None]
             bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(global_grad_norm(grads).to(self.device)))
-            first = bad & (self.first_bad < 0)
-            self.first_bad.copy_(torch.where(first, torch.full_like(self.first_bad, global_step), self.first_bad))
-            self.first_bad_is_grad.copy_(torch.where(first, torch.isfinite(loss.detach()).long(),
-                                                     self.first_bad_is_grad))
-            self.nonfinite.add_(bad.long())
+            self.bad_steps.count(bad, torch.isfinite(loss.detach()),
+                                 torch.full_like(self.bad_steps.first_bad, global_step))
             self.halted.logical_or_(bad)
         if self.clip_per_param > 0:
             self._clip(self.student_params, self.clip_per_param)
@@ -100,7 +96,6 @@ class DINOStep:
     def read_nonfinite(self) -> tuple[int, Optional[int], str]:
         """Device skip: (non-finite steps since the last read, the first one's 0-based global step, 'loss' or
         'gradient'); resets the count. One device-to-host copy."""
-        bad, first, is_grad = torch.stack([self.nonfinite, self.first_bad, self.first_bad_is_grad]).tolist()
-        self.nonfinite.zero_()
-        self.first_bad.fill_(-1)
-        return int(bad), (int(first) if bad else None), (("gradient" if is_grad else "loss") if bad else "")
+        counters = torch.stack(self.bad_steps.counters()).tolist()
+        self.bad_steps.reset()
+        return NonFiniteSteps.describe(*counters)

@@ -7,6 +7,7 @@ A task class owns everything about its task, so nothing else names it:
   batch_transform   the loader-side transform that writes its extra views and targets into each Batch (or None)
   views             the names of the Batch.views its forward needs (written by its batch transform)
   epochs            its say in how many epochs the loop runs (default: optim.epochs unchanged)
+  reference_rules   how a reference repository's checkpoint names its head (model.finetune_from loads it)
   head, targets, loss, weight(epoch), peak_weight   its parts, called by its own compute()
 The trainer (engine/train_module.py) calls, per step: `extra_views(batch)` of every task, one forward over the
 images and all those views (task order), then `compute(outputs, batch, epoch, seed, weight)` of every task and
@@ -41,6 +42,8 @@ class AuxTask(nn.Module):
     name: str = "task"
     Config: type = None                   # the dataclass of tasks.<name>; must have `enabled: bool = False`
     views: tuple[str, ...] = ()           # Batch.views this task's forward needs, in order
+    reference_rules: tuple = ()           # engine.models.reference_names.Rule's renaming a reference repository's
+                                          # checkpoint keys of this head to ours ('<name>.<state-dict key>')
 
     # ------------------------------------------------------------------------------------ class-level hooks
     @classmethod

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from engine.models import ModelOutput
+from engine.models.reference_names import Rule
 from engine.tasks.base import AuxTask, TaskOutput, schedule_epoch
 from kernels import dispatch
 from kernels import drloc_reference as ref
@@ -87,6 +88,8 @@ class DrlocHead(nn.Module):
 class DrlocTask(AuxTask):
     name = "drloc"
     Config = DrlocConfig
+    # C's single-scale `drloc` ModuleList (or a bare `drloc` module): drloc[.0].{layers,unshared}.* -> ours
+    reference_rules = (Rule("C", r"drloc\.(?:0\.)?(layers|unshared)\.(\d+)\.(weight|bias)", r"drloc.head.\1.\2.\3"),)
 
     @classmethod
     def check(cls, section: DrlocConfig, cfg) -> list[tuple[str, bool, str]]:

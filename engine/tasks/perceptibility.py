@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from engine.models import ModelOutput
+from engine.models.reference_names import Rule
 from engine.tasks.base import AuxTask, TaskOutput, class_ce, schedule_epoch
 from loaders.batch import Batch
 from loaders.transforms.perceptibility import GRID_STEPS, VIEW, PerceptibilityTransform
@@ -89,6 +90,12 @@ class PerceptibilityTask(AuxTask):
     name = "perceptibility"
     Config = PerceptibilityConfig
     views = (VIEW,)
+    # A's models/Auxiliary_sep.py, LayerNorm + Mlp(fc1, fc2) per quantity:
+    # mlp_head_{trans,scale}.0.* / .1.fc1.* / .1.fc2.* -> {translate,scale}_head.norm / fc1 / fc2
+    reference_rules = tuple(
+        rule for theirs, ours in (("trans", "translate_head"), ("scale", "scale_head"))
+        for rule in (Rule("A", rf"mlp_head_{theirs}\.0\.(weight|bias)", rf"perceptibility.{ours}.norm.\1"),
+                     Rule("A", rf"mlp_head_{theirs}\.1\.(fc1|fc2)\.(weight|bias)", rf"perceptibility.{ours}.\1.\2")))
 
     @classmethod
     def check(cls, section: PerceptibilityConfig, cfg) -> list[tuple[str, bool, str]]:
