@@ -120,57 +120,77 @@ def save(run: Run, pos: Position, best: bool = False) -> Path:
                            **run.save_options, best=best)
 
 
+@dataclass
+class Throughput:
+    """Images seen over all ranks since `start` (time.perf_counter seconds)."""
+    start: float
+    images: int = 0
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
 def run_epochs(run: Run, pos: Position) -> tuple[int, float, int]:
     """The epochs from `pos` until run_epochs or run.max_steps or a stop signal -> (exit code, seconds, images
     seen over all ranks). Mid-epoch stops checkpoint where they are; an epoch's end evaluates at run.eval_every
     and checkpoints at run.checkpoint_every, the last epoch and every new best."""
-    cfg, rt, loader = run.cfg, run.rt, run.train_loader
-    steps_per_epoch = len(loader)
-    progress = progress_bar(cfg, rt, run.max_steps, pos.global_step)
+    progress = progress_bar(run.cfg, run.rt, run.max_steps, pos.global_step)
     run.stop.install()
     try:
-        t_start, seen, exit_code = time.perf_counter(), 0, 0
+        seen, exit_code = Throughput(time.perf_counter()), 0
         run.engine.train()
-        while pos.epoch < run.run_epochs and pos.global_step < run.max_steps and exit_code == 0:
-            for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
-                lr = run.step(batch, pos)
-                pos.global_step += 1
-                pos.step_in_epoch += 1
-                seen += len(batch) * rt.world_size
-                if pos.global_step % cfg.run.log_every == 0 or pos.step_in_epoch == steps_per_epoch:
-                    run.log_point(pos)   # one host sync per run.log_every steps
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(epoch=pos.epoch, loss=f"{run.shown_loss():.3f}", lr=f"{lr:.2e}",
-                                         img_s=f"{seen / (time.perf_counter() - t_start):.0f}")
-                if run.stop.signal is not None or (pos.global_step >= run.max_steps
-                                                   and pos.step_in_epoch < steps_per_epoch):
-                    break   # mid-epoch stop; at an epoch's end the for-else below evaluates and checkpoints
-                if (run.mid_epoch_checkpoints and cfg.run.checkpoint_every_steps
-                        and pos.global_step % cfg.run.checkpoint_every_steps == 0
-                        and pos.step_in_epoch < steps_per_epoch):
-                    save(run, pos)   # mid-epoch; an epoch's end has its own checkpoint rule below
-            else:   # the epoch ran to its end
-                improved = False
-                if (pos.epoch + 1) % cfg.run.eval_every == 0 or pos.epoch + 1 == run.run_epochs:
-                    improved = run.evaluate(pos, progress)
-                pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
-                if pos.epoch % cfg.run.checkpoint_every == 0 or pos.epoch == run.run_epochs or improved:
-                    save(run, pos, best=improved)   # a new best is always checkpointed, so best/ can hold it
-                continue
-            save(run, pos)   # left the epoch early (a signal, or run.max_steps): checkpoint where we are
-            if run.stop.signal is not None:
-                exit_code = EXIT_INTERRUPTED
-                if rt.is_main:
-                    log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
-                                run.stop.signal, pos.global_step)
-            break
+        while pos.epoch < run.run_epochs and pos.global_step < run.max_steps:
+            if not steps_of_epoch(run, pos, progress, seen):
+                save(run, pos)   # left the epoch early (a signal, or run.max_steps): checkpoint where we are
+                if run.stop.signal is not None:
+                    exit_code = EXIT_INTERRUPTED
+                    if run.rt.is_main:
+                        log.warning("signal %d: checkpoint written at global step %d; resume with run.resume=auto",
+                                    run.stop.signal, pos.global_step)
+                break
+            end_epoch(run, pos, progress)
     finally:
         run.stop.restore()
         run.close()
     if progress is not None:
         progress.close()
-    return exit_code, time.perf_counter() - t_start, seen
+    return exit_code, seen.seconds(), seen.images
+
+
+def steps_of_epoch(run: Run, pos: Position, progress, seen: Throughput) -> bool:
+    """The remaining steps of epoch pos.epoch, with their log points and mid-epoch checkpoints -> True when the
+    epoch ran to its end, False when a stop signal or run.max_steps ended it early."""
+    cfg, loader = run.cfg, run.train_loader
+    steps_per_epoch = len(loader)
+    for batch in loader.epoch(pos.epoch, pos.step_in_epoch):
+        lr = run.step(batch, pos)
+        pos.global_step += 1
+        pos.step_in_epoch += 1
+        seen.images += len(batch) * run.rt.world_size
+        if pos.global_step % cfg.run.log_every == 0 or pos.step_in_epoch == steps_per_epoch:
+            run.log_point(pos)   # one host sync per run.log_every steps
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(epoch=pos.epoch, loss=f"{run.shown_loss():.3f}", lr=f"{lr:.2e}",
+                                 img_s=f"{seen.images / seen.seconds():.0f}")
+        if run.stop.signal is not None or (pos.global_step >= run.max_steps and pos.step_in_epoch < steps_per_epoch):
+            return False
+        if (run.mid_epoch_checkpoints and cfg.run.checkpoint_every_steps
+                and pos.global_step % cfg.run.checkpoint_every_steps == 0 and pos.step_in_epoch < steps_per_epoch):
+            save(run, pos)   # mid-epoch; an epoch's end has its own checkpoint rule (end_epoch)
+    return True
+
+
+def end_epoch(run: Run, pos: Position, progress) -> None:
+    """After an epoch's last step: evaluate at run.eval_every and at the last epoch, move pos to the next epoch,
+    checkpoint at run.checkpoint_every, the last epoch and every new best (so checkpoints/best can hold it)."""
+    cfg = run.cfg
+    improved = False
+    if (pos.epoch + 1) % cfg.run.eval_every == 0 or pos.epoch + 1 == run.run_epochs:
+        improved = run.evaluate(pos, progress)
+    pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+    if pos.epoch % cfg.run.checkpoint_every == 0 or pos.epoch == run.run_epochs or improved:
+        save(run, pos, best=improved)
 
 
 def resume_step(state: dict, global_batch: int, folder: Path) -> int:
@@ -304,8 +324,6 @@ def close_process_group() -> None:
     """Destroy the process group before the interpreter exits. Left to interpreter teardown, gloo's worker threads
     can be destroyed while joinable and abort a rank with "terminate called without an active exception" (exit -6)
     after its run has finished and written everything. No barrier: after a failure on one rank, others would hang."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -28,9 +28,8 @@ from engine.config import Config, ConfigError
 from engine.deepspeed_json import resolve_into_config
 from engine.evaluate import evaluate
 from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
-from engine.loop import (EXIT_INTERRUPTED, EXIT_NONFINITE, NonFiniteLoss, Position, Run,  # noqa: F401
-                         StopFlag, close_run, launcher_main, log_line, open_run_folder, report_nonfinite, resume,
-                         run_epochs, run_reporting_errors)
+from engine.loop import (Position, Run, StopFlag, close_run, launcher_main, log_line, open_run_folder,
+                         report_nonfinite, resume, run_epochs, run_reporting_errors)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed

@@ -88,7 +88,7 @@ def test_item17_sigterm_checkpoints_at_the_next_step_and_resumes(tiny_betons, re
     """Item 17: SIGTERM in a random step (delivered mid-step, after the forward): the run finishes that step,
     writes a checkpoint at its boundary (`latest` names it), exits with the distinct code 143, and the resume
     satisfies item 1 (every later loss and the final parameters bitwise equal to the uninterrupted run's)."""
-    from engine.train import EXIT_INTERRUPTED
+    from engine.loop import EXIT_INTERRUPTED
 
     out = tmp_path / "run"
     cmd = runs.train_cmd(tiny_betons, out, "run.max_steps=72")

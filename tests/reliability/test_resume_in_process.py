@@ -114,7 +114,7 @@ def _inject(monkeypatch, nan_step=None, inf_step=None):
 
 def _stops_at_the_bad_step(tiny_betons, tmp_path, monkeypatch, s, stage):
     """The default engine.fail_on_nonfinite: NaN loss at s stops there; an Inf gradient alone stops at s + 5."""
-    from engine.train import NonFiniteLoss
+    from engine.loop import NonFiniteLoss
 
     _inject(monkeypatch, nan_step=s, inf_step=s + 5)
     with pytest.raises(NonFiniteLoss, match=f"non-finite loss nan at step {s} "):
