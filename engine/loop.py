@@ -96,6 +96,21 @@ class Run:
     close: Callable[[], None] = lambda: None   # after the loop, also on failure
 
 
+def position_state(pos: Position, cfg: Config, rt: Runtime) -> dict:
+    """The trainer-state entries every checkpoint holds: where the loop is, and the world it ran in (what resume
+    checks: world size, global batch, ZeRO stage)."""
+    return {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
+            "world_size": rt.world_size, "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
+            "nonfinite_skipped": pos.nonfinite_skipped}
+
+
+def summary_entries(pos: Position, exit_code: int, seconds: float, images: int) -> dict:
+    """The summary.json entries every run writes: how far it got, how fast, how it ended."""
+    return {"epochs_done": pos.epoch, "global_step": pos.global_step, "seconds": round(seconds, 2),
+            "images_per_second": round(images / max(seconds, 1e-9), 1), "exit_code": exit_code,
+            "nonfinite_skipped": pos.nonfinite_skipped}
+
+
 def resume(cfg: Config, rt: Runtime, engine, out_dir: Path, resolved: Config, steps_per_epoch: int,
            check: Callable[[dict, Path], None]) -> tuple[Position, Optional[dict], Optional[dict]]:
     """Collective: clear stale partial checkpoints, find run.resume's checkpoint and, when there is one, check it

@@ -35,7 +35,8 @@ from engine import run_folder
 from engine.config import Config, ConfigError
 from engine.grad_check import GradientCheck
 from engine.loop import (Position, Run, StopFlag, close_run, launcher_main, log_line, mean_over_ranks,
-                         open_run_folder, report_nonfinite, resume, run_epochs, run_reporting_errors)
+                         open_run_folder, position_state, report_nonfinite, resume, run_epochs,
+                         run_reporting_errors, summary_entries)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
@@ -268,11 +269,8 @@ class PretrainLoop:
 
     def state(self, pos: Position) -> dict:
         cfg, s = self.cfg, self.s
-        return {"stage": STAGE, "epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
-                "best_knn": self.best_knn, "model": cfg.model.name, "world_size": self.rt.world_size,
-                "global_batch": cfg.data.batch_size, "zero_stage": cfg.engine.zero_stage,
-                "nonfinite_skipped": pos.nonfinite_skipped,
-                "teacher": {k: v.detach().cpu() for k, v in s.teacher.state_dict().items()},
+        return {"stage": STAGE, **position_state(pos, cfg, self.rt), "best_knn": self.best_knn,
+                "model": cfg.model.name, "teacher": {k: v.detach().cpu() for k, v in s.teacher.state_dict().items()},
                 "center": s.dino_loss.center.detach().cpu(), **run_folder.state_entries(s.resolved)}
 
 
@@ -297,10 +295,8 @@ def _pretrain(cfg: Config) -> dict:
               {"export": s.teacher.model, "hub_config": s.hub_config, "keep_last": cfg.run.keep_last},
               mid_epoch_checkpoints=False)
     exit_code, elapsed, seen = run_epochs(run, pos)
-    summary = {"stage": STAGE, "epochs_done": pos.epoch, "global_step": pos.global_step, "knn_top1": hooks.last_knn,
-               "best_knn": hooks.best_knn, "seconds": round(elapsed, 2),
-               "images_per_second": round(seen / max(elapsed, 1e-9), 1), "exit_code": exit_code,
-               "nonfinite_skipped": pos.nonfinite_skipped}
+    summary = {"stage": STAGE, **summary_entries(pos, exit_code, elapsed, seen), "knn_top1": hooks.last_knn,
+               "best_knn": hooks.best_knn}
     close_run(rt, out_dir, run_log, summary)
     return summary
 

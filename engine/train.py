@@ -29,7 +29,8 @@ from engine.deepspeed_json import resolve_into_config
 from engine.evaluate import evaluate
 from engine.graphed_step import StaticStepRunner, engine_fallback_reason, log_fallback, plan_graph_step
 from engine.loop import (Position, Run, StopFlag, close_run, launcher_main, log_line, open_run_folder,
-                         report_nonfinite, resume, run_epochs, run_reporting_errors)
+                         position_state, report_nonfinite, resume, run_epochs, run_reporting_errors,
+                         summary_entries)
 from engine.models import create_model
 from engine.models.options import model_kwargs
 from engine.models.pos_embed import init_pos_embed
@@ -226,12 +227,9 @@ class SupervisedLoop:
 
     def state(self, pos: Position) -> dict:
         cfg, s = self.cfg, self.s
-        return {"epoch": pos.epoch, "step_in_epoch": pos.step_in_epoch, "global_step": pos.global_step,
-                "best_top1": self.best_top1, "model": cfg.model.name, "num_classes": s.num_classes,
-                "world_size": self.rt.world_size, "global_batch": cfg.data.batch_size,
-                "zero_stage": cfg.engine.zero_stage, "nonfinite_skipped": pos.nonfinite_skipped,
-                "selection": self.selection.state(), "dataset": s.meta["dataset"], "mean": list(s.meta["mean"]),
-                "std": list(s.meta["std"]), **run_folder.state_entries(s.resolved)}
+        return {**position_state(pos, cfg, self.rt), "best_top1": self.best_top1, "model": cfg.model.name,
+                "num_classes": s.num_classes, "selection": self.selection.state(), "dataset": s.meta["dataset"],
+                "mean": list(s.meta["mean"]), "std": list(s.meta["std"]), **run_folder.state_entries(s.resolved)}
 
 
 def static_runner(s: Setup) -> Optional[StaticStepRunner]:
@@ -277,9 +275,7 @@ def _train(cfg: Config) -> dict:
               {"hub_config": s.hub_config, "keep_last": cfg.run.keep_last}, close=s.stepper.remove)
     exit_code, elapsed, seen = run_epochs(run, pos)
     last_eval = hooks.last_eval
-    summary = {"epochs_done": pos.epoch, "global_step": pos.global_step, "best_top1": hooks.best_top1,
-               "last": last_eval, "seconds": round(elapsed, 2), "images_per_second": round(seen / max(elapsed, 1e-9), 1),
-               "exit_code": exit_code, "nonfinite_skipped": pos.nonfinite_skipped,
+    summary = {**summary_entries(pos, exit_code, elapsed, seen), "best_top1": hooks.best_top1, "last": last_eval,
                "best_top1_is": "the best over test evaluations",
                "selection": selection.summary(last_eval.get("top1"))}
     close_run(rt, out_dir, run_log, summary)
