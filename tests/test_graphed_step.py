@@ -246,7 +246,7 @@ def test_device_buffers_log_window_means_and_count_nonfinite_steps_without_host_
 def test_nonfinite_gradient_stops_at_the_read_naming_its_step(tiny_betons, tmp_path, monkeypatch):
     """Under the default engine.fail_on_nonfinite an Inf gradient (finite loss) at step 3 stops the run at the next
     read (step 5), naming step 3 and 'gradient'; nothing is saved."""
-    from engine.train import NonFiniteLoss
+    from engine.loop import NonFiniteLoss
 
     inject_nonfinite(monkeypatch, inf_step=3)
     out = tmp_path / "stop"

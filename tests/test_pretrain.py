@@ -190,7 +190,7 @@ def test_nonfinite_gradient_stops_or_skips_without_touching_student_teacher_or_c
     engine.fail_on_nonfinite=false skips it — counted, and the student, teacher and centre equal a run that
     stopped before it."""
     import engine.pretrain as pretrain_module
-    from engine.train import NonFiniteLoss
+    from engine.loop import NonFiniteLoss
 
     real_clip = pretrain_module.GradientCheck
 
