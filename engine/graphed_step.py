@@ -107,14 +107,16 @@ class StaticBatch:
     signature: dict = field(default_factory=dict)
 
     @staticmethod
-    def tensors(batch: Batch) -> dict[str, Optional[torch.Tensor]]:
+    def tensor_fields(batch: Batch) -> dict[str, Optional[torch.Tensor]]:
+        """{field name: tensor or None} of the Batch fields that hold one tensor (not params, views or crops)."""
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
+                if getattr(batch, f.name) is None or isinstance(getattr(batch, f.name), torch.Tensor)}
+
+    @classmethod
+    def tensors(cls, batch: Batch) -> dict[str, Optional[torch.Tensor]]:
         """{name: tensor or None} of every tensor the batch holds: each tensor field by its name, each params entry
         as 'params.<key>' and each extra view as 'views.<name>' (sorted). Batch.crops (pretraining) is not read."""
-        out: dict[str, Optional[torch.Tensor]] = {}
-        for f in dataclasses.fields(batch):
-            value = getattr(batch, f.name)
-            if value is None or isinstance(value, torch.Tensor):
-                out[f.name] = value
+        out = cls.tensor_fields(batch)
         for group in ("params", "views"):
             for key, t in sorted(getattr(batch, group).items()):
                 out[f"{group}.{key}"] = t
@@ -130,8 +132,7 @@ class StaticBatch:
     def like(cls, batch: Batch) -> "StaticBatch":
         def clone(t):
             return None if t is None else torch.empty_like(t).copy_(t)   # empty_like keeps channels_last strides
-        fields = {f.name: clone(getattr(batch, f.name)) for f in dataclasses.fields(batch)
-                  if getattr(batch, f.name) is None or isinstance(getattr(batch, f.name), torch.Tensor)}
+        fields = {name: clone(t) for name, t in cls.tensor_fields(batch).items()}
         static = Batch(**fields, params={k: clone(v) for k, v in batch.params.items()},
                        views={k: clone(v) for k, v in batch.views.items()})
         return cls(static, cls.describe(batch))
